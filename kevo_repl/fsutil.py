@@ -1,0 +1,58 @@
+"""The one place kevo-repl makes bytes durable.
+
+Every fsync in the package goes through `fsync_fd` or `fsync_dir`, so durability has one
+implementation to review and one set of counters to read (`SYNC_STATS`). os.fsync releases the GIL,
+so other threads keep running while the disk works.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SyncStats:
+    count: int = 0
+    seconds: float = 0.0
+
+
+SYNC_STATS = SyncStats()
+
+
+def fsync_fd(fd: int) -> None:
+    started = time.perf_counter()
+    os.fsync(fd)
+    SYNC_STATS.count += 1
+    SYNC_STATS.seconds += time.perf_counter() - started
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a created, renamed or deleted file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until every byte is written (a short write is legal for regular files too)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace `path` with `data` durably: write a temp file, fsync, rename, fsync the directory."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        fsync_fd(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,829 @@
+"""The write-ahead log: segments, sync modes with group commit, recovery, readers and retention.
+
+Invariants (each guarded by `_lock` unless said otherwise):
+
+* Sequence numbers strictly increase across units, segments and restarts; a batch of n entries
+  takes n consecutive numbers.
+* A unit is appended whole and never spans two segments; a segment is cut before a unit that would
+  overflow it (fsync the old file, create the new one as a temp file, rename, fsync the directory).
+* Bytes reach the OS (`_written`) in order; readers never read past them. `durable_seq` only moves
+  after an fsync that covered every byte of that sequence number.
+* Only one fsync runs at a time (`_sync_lock`), which is what makes concurrent appenders share one:
+  whoever gets the lock syncs everything appended so far, and the others find their work done.
+* Retention deletes only a prefix of closed segments, never the active one, never a segment holding
+  a sequence number at or above a hold, and never the newest closed segment while the active one
+  holds no durable unit (the log would forget its last sequence number).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import enum
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from kevo_repl import fsutil
+from kevo_repl.errors import (
+    CorruptionError,
+    InvalidArgumentError,
+    SequenceCompactedError,
+    WalClosedError,
+    WalError,
+    WalLockedError,
+)
+from kevo_repl.wal.codec import (
+    MAX_SEQ,
+    MAX_UNIT_BYTES,
+    Entry,
+    Op,
+    Unit,
+    encode_batch,
+    encode_entry,
+)
+from kevo_repl.wal.observer import ObserverHub, WalObserver
+from kevo_repl.wal.segment import (
+    Outcome,
+    ReadEnd,
+    SegmentReader,
+    list_segments,
+    segment_name,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SyncMode(enum.Enum):
+    NONE = "none"
+    BATCH = "batch"
+    IMMEDIATE = "immediate"
+
+
+@dataclass(frozen=True, slots=True)
+class WalOptions:
+    sync_mode: SyncMode = SyncMode.IMMEDIATE
+    sync_bytes: int = 1024 * 1024  # batch mode: fsync once this much was appended since the last
+    sync_interval_ms: int = 100  # batch mode: and at least this often while anything is unsynced
+    segment_bytes_max: int = 64 * 1024 * 1024
+    buffer_bytes: int = 64 * 1024  # bytes kept in user space before a write(2)
+    index_every_bytes: int = 64 * 1024  # sparse seq -> offset index granularity
+    observer_queue_max: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    max_age_s: float | None = None  # delete closed segments last written longer ago than this
+    max_total_bytes: int | None = None  # delete the oldest while the log is larger than this
+    min_seq_keep: int | None = None  # delete segments whose every sequence is below this
+
+
+@dataclass(frozen=True, slots=True)
+class TornTail:
+    path: str
+    offset: int
+    bytes_cut: int
+    kept_at: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    segments: int
+    last_seq: int
+    torn: TornTail | None
+
+
+@dataclass(slots=True)
+class _Segment:
+    name: str
+    path: str
+    first_seq: int  # first sequence it holds, or would hold if empty
+    size: int  # logical size, including bytes still in the user-space buffer when active
+    index: list[tuple[int, int]] = field(default_factory=list)  # (unit first seq, offset)
+    index_complete: bool = False  # index covers the whole (closed) segment
+    last_index_offset: int = -(1 << 62)
+
+
+@dataclass(slots=True)
+class _AsyncWaiter:
+    seq: int
+    future: asyncio.Future[int]
+    loop: asyncio.AbstractEventLoop
+
+
+class WAL:
+    """A Kevo-compatible write-ahead log in one directory. Use `WAL.open`."""
+
+    def __init__(self, directory: str, options: WalOptions, lock_fd: int) -> None:
+        self.directory = directory
+        self.options = options
+        self._lock_fd = lock_fd
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._segments: list[_Segment] = []
+        self._fd = -1  # active segment's write descriptor
+        self._retired_fds: list[int] = []  # old active fds a sync leader may still be using
+        self._buf = bytearray()
+        self._written = 0  # bytes of the active segment handed to write(2)
+        self._next_seq = 1
+        self._last_seq = 0
+        self._durable_seq = 0
+        self._active_durable = False  # the active segment holds at least one durable unit
+        self._unsynced_bytes = 0
+        self._last_sync = time.monotonic()
+        self._holds: dict[str, int] = {}
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._hub = ObserverHub(options.observer_queue_max)
+        self._waiters: list[_AsyncWaiter] = []
+        self._waiters_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._syncer: threading.Thread | None = None
+        self.recovery = RecoveryReport(0, 0, None)
+
+    # ------------------------------------------------------------------ opening and recovery
+
+    @classmethod
+    def open(
+        cls, directory: str, options: WalOptions | None = None, *, next_seq_floor: int = 1
+    ) -> WAL:
+        """Open (creating if needed) and recover the log in `directory`.
+
+        `next_seq_floor` lets the owner of already-applied data (a store) forbid reusing sequence
+        numbers the log itself may have lost, e.g. after retention removed every segment.
+        """
+        options = options or WalOptions()
+        _validate_options(options)
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        lock_fd = lock_directory(directory)
+        wal = cls(directory, options, lock_fd)
+        try:
+            wal._recover(next_seq_floor)
+        except BaseException:
+            wal._release_lock()
+            raise
+        if options.sync_mode is SyncMode.BATCH:
+            wal._start_syncer()
+        return wal
+
+    def _recover(self, next_seq_floor: int) -> None:
+        for stray in os.listdir(self.directory):
+            if stray.endswith(".wal.tmp"):
+                os.unlink(os.path.join(self.directory, stray))
+        names = list_segments(self.directory)
+        self._segments = [self._closed_segment(n) for n in names[:-1]]
+        torn: TornTail | None = None
+        last_seq = 0
+        if names:
+            last, last_seq, torn = self._recover_last(names[-1])
+            self._segments.append(last)
+            if last_seq == 0 and len(self._segments) > 1:
+                # A crash right after a segment cut leaves an empty last segment: the sequence
+                # stands where the previous segment ends.
+                last_seq = self._scan_last_seq(self._segments[-2])
+        self._last_seq = self._durable_seq = last_seq
+        self._next_seq = max(next_seq_floor, last_seq + 1)
+        if self._segments:
+            active = self._segments[-1]
+            self._active_durable = active.first_seq >= 0
+            if not self._active_durable:
+                active.first_seq = self._next_seq
+        self._resolve_first_seqs()
+        if self._segments:
+            active = self._segments[-1]
+            self._fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+            self._written = active.size
+        self.recovery = RecoveryReport(len(self._segments), last_seq, torn)
+        if torn is not None:
+            log.warning(
+                "recovered WAL: cut a torn tail of %d bytes at %s offset %d (%s); kept at %s",
+                torn.bytes_cut,
+                torn.path,
+                torn.offset,
+                torn.reason,
+                torn.kept_at,
+            )
+
+    def _closed_segment(self, name: str) -> _Segment:
+        """A non-final segment: only its first unit is read at open; it was fsynced when cut."""
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            reader = SegmentReader(fd, 0, min(size, 64 * 1024))
+            first = next(iter(reader), None)
+        finally:
+            os.close(fd)
+        if first is None and size > 0 and (reader.end is None or reader.end.outcome is not Outcome.CLEAN):
+            # The first unit may be larger than the probe; read the whole file for a verdict.
+            first = self._first_unit_full(path, size)
+        seg = _Segment(name, path, first.first_seq if first else -1, size)
+        if first is not None:
+            seg.index.append((first.first_seq, 0))
+            seg.last_index_offset = 0
+        return seg
+
+    def _first_unit_full(self, path: str, size: int) -> Unit | None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reader = SegmentReader(fd, 0, size)
+            first = next(iter(reader), None)
+        finally:
+            os.close(fd)
+        if first is None and reader.end is not None and reader.end.outcome is not Outcome.CLEAN:
+            raise CorruptionError(path, reader.end.bad_offset, reader.end.reason)
+        return first
+
+    def _recover_last(self, name: str) -> tuple[_Segment, int, TornTail | None]:
+        path = os.path.join(self.directory, name)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            seg = _Segment(name, path, -1, 0)
+            reader = SegmentReader(fd)
+            last_seq = 0
+            for unit in reader:
+                self._index_unit(seg, unit.first_seq, unit.offset)
+                last_seq = unit.last_seq
+                if seg.first_seq < 0:
+                    seg.first_seq = unit.first_seq
+            end = reader.end
+            assert end is not None
+            torn = None
+            if end.outcome is Outcome.CORRUPT:
+                raise CorruptionError(path, end.bad_offset, end.reason)
+            if end.outcome is Outcome.TORN:
+                torn = _cut_tail(fd, path, end)
+            # Whatever the OS held for this file may not be on disk yet: make it so before we
+            # call its last sequence durable.
+            fsutil.fsync_fd(fd)
+            seg.size = end.offset
+            return seg, last_seq, torn
+        finally:
+            os.close(fd)
+
+    def _scan_last_seq(self, seg: _Segment) -> int:
+        fd = os.open(seg.path, os.O_RDONLY)
+        try:
+            reader = SegmentReader(fd)
+            last = seg.first_seq - 1 if seg.first_seq > 0 else 0
+            for unit in reader:
+                self._index_unit(seg, unit.first_seq, unit.offset)
+                last = unit.last_seq
+        finally:
+            os.close(fd)
+        end = reader.end
+        if end is None or end.outcome is not Outcome.CLEAN:
+            raise CorruptionError(seg.path, end.bad_offset if end else 0, end.reason if end else "")
+        seg.index_complete = True
+        return last
+
+    def _resolve_first_seqs(self) -> None:
+        """Give empty segments the first sequence of their successor; check ordering."""
+        following = -1
+        for seg in reversed(self._segments):
+            if seg.first_seq < 0:
+                seg.first_seq = following if following >= 0 else 1
+            following = seg.first_seq
+        for prev, seg in zip(self._segments, self._segments[1:], strict=False):
+            if seg.first_seq < prev.first_seq:
+                raise WalError(
+                    f"{seg.path}: sequence numbers go backwards ({seg.first_seq} after "
+                    f"{prev.first_seq} in {prev.name}); a Kevo log that restarted sequences at "
+                    "rotation cannot be appended to (it can still be dumped)"
+                )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest sequence number still in the log (next_seq when the log is empty)."""
+        with self._lock:
+            return self._first_seq_locked()
+
+    def _first_seq_locked(self) -> int:
+        if not self._segments or self._last_seq < self._segments[0].first_seq:
+            return self._next_seq
+        return self._segments[0].first_seq
+
+    def segment_paths(self) -> list[str]:
+        with self._lock:
+            return [s.path for s in self._segments]
+
+    # ------------------------------------------------------------------ appending
+
+    def append(self, op: Op, key: bytes, value: bytes = b"", *, sync: bool | None = None) -> int:
+        """Append one entry; returns its sequence number once the sync mode is satisfied.
+
+        `sync=True` waits for durability whatever the mode; `sync=None` follows the mode.
+        """
+        seq = self._append_entry(op, key, value)
+        self._after_append(seq, sync)
+        return seq
+
+    def append_batch(
+        self, ops: Sequence[tuple[Op, bytes, bytes]], *, sync: bool | None = None
+    ) -> int:
+        """Append an atomic batch (recovery keeps all of it or none); returns its first sequence."""
+        start = self._append_batch(ops)
+        self._after_append(start + len(ops) - 1, sync)
+        return start
+
+    async def append_async(
+        self, op: Op, key: bytes, value: bytes = b"", *, sync: bool | None = None
+    ) -> int:
+        """`append` for asyncio: the fsync runs on the WAL's sync thread, shared by all tasks."""
+        seq = self._append_entry(op, key, value)
+        await self._after_append_async(seq, sync)
+        return seq
+
+    async def append_batch_async(
+        self, ops: Sequence[tuple[Op, bytes, bytes]], *, sync: bool | None = None
+    ) -> int:
+        start = self._append_batch(ops)
+        await self._after_append_async(start + len(ops) - 1, sync)
+        return start
+
+    def _append_entry(self, op: Op, key: bytes, value: bytes) -> int:
+        if op not in (Op.PUT, Op.DELETE, Op.MERGE):
+            raise InvalidArgumentError(f"invalid WAL operation {op!r}")
+        with self._lock:
+            self._check_writable()
+            seq = self._next_seq
+            if seq > MAX_SEQ:
+                raise WalError("sequence numbers exhausted (u64)")
+            data = encode_entry(seq, op, key, value)
+            self._write_unit_locked(data, seq)
+            self._next_seq = seq + 1
+            self._last_seq = seq
+            if self._hub.active:
+                self._hub.publish("entry", Entry(seq, op, key, b"" if op == Op.DELETE else value))
+        return seq
+
+    def _append_batch(self, ops: Sequence[tuple[Op, bytes, bytes]]) -> int:
+        if not ops:
+            raise InvalidArgumentError("a WAL batch needs at least one operation")
+        for op, _, _ in ops:
+            if op not in (Op.PUT, Op.DELETE, Op.MERGE):
+                raise InvalidArgumentError(f"invalid WAL operation {op!r} in batch")
+        with self._lock:
+            self._check_writable()
+            start = self._next_seq
+            last = start + len(ops) - 1
+            if last > MAX_SEQ:
+                raise WalError("sequence numbers exhausted (u64)")
+            data = encode_batch(start, ops)
+            self._write_unit_locked(data, start)
+            self._next_seq = last + 1
+            self._last_seq = last
+            if self._hub.active:
+                entries = [
+                    Entry(start + i, op, k, b"" if op == Op.DELETE else v)
+                    for i, (op, k, v) in enumerate(ops)
+                ]
+                self._hub.publish("batch", start, entries)
+        return start
+
+    def _write_unit_locked(self, data: bytes, first_seq: int) -> None:
+        if len(data) > MAX_UNIT_BYTES:
+            raise InvalidArgumentError(
+                f"WAL unit of {len(data)} bytes exceeds the limit of {MAX_UNIT_BYTES}"
+            )
+        seg = self._segments[-1] if self._segments else None
+        if seg is None or (seg.size > 0 and seg.size + len(data) > self.options.segment_bytes_max):
+            seg = self._cut_segment_locked(first_seq)
+        self._index_unit(seg, first_seq, seg.size)
+        self._buf += data
+        seg.size += len(data)
+        self._unsynced_bytes += len(data)
+        if len(self._buf) >= self.options.buffer_bytes:
+            self._flush_locked()
+
+    def _index_unit(self, seg: _Segment, first_seq: int, offset: int) -> None:
+        if offset - seg.last_index_offset >= self.options.index_every_bytes:
+            seg.index.append((first_seq, offset))
+            seg.last_index_offset = offset
+
+    def _flush_locked(self) -> None:
+        if self._buf:
+            try:
+                fsutil.write_all(self._fd, self._buf)
+            except OSError as err:
+                self._fail(err)
+                raise WalError(f"write to {self._segments[-1].path} failed: {err}") from err
+            self._written += len(self._buf)
+            self._buf.clear()
+
+    def _cut_segment_locked(self, first_seq: int) -> _Segment:
+        """Close the active segment durably and start a new one holding `first_seq` onwards."""
+        if self._segments:
+            self._flush_locked()
+            self._fsync_locked(self._fd)
+            self._durable_seq = max(self._durable_seq, self._last_seq)
+            self._retired_fds.append(self._fd)
+            self._segments[-1].index_complete = True
+        prev = self._segments[-1].name if self._segments else None
+        stamp = time.time_ns()
+        if prev is not None:
+            stamp = max(stamp, int(prev[:20]) + 1)
+        name = segment_name(stamp)
+        path = os.path.join(self.directory, name)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._fsync_locked(fd)
+        os.rename(tmp, path)
+        fsutil.fsync_dir(self.directory)
+        seg = _Segment(name, path, first_seq, 0)
+        self._segments.append(seg)
+        self._fd = fd
+        self._written = 0
+        self._active_durable = False
+        return seg
+
+    def _fsync_locked(self, fd: int) -> None:
+        try:
+            fsutil.fsync_fd(fd)
+        except OSError as err:
+            self._fail(err)
+            raise WalError(f"fsync of the WAL failed: {err}") from err
+
+    def _fail(self, err: BaseException) -> None:
+        # After a failed fsync the page cache can no longer be trusted (the kernel may have
+        # dropped the dirty pages): refuse further writes until a restart re-reads the disk.
+        self._failed = err
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise WalClosedError("WAL is closed")
+        if self._failed is not None:
+            raise WalError(f"WAL failed earlier ({self._failed}); restart to recover")
+
+    # ------------------------------------------------------------------ durability
+
+    def _after_append(self, seq: int, sync: bool | None) -> None:
+        mode = self.options.sync_mode
+        if sync or (sync is None and mode is SyncMode.IMMEDIATE):
+            self.sync_to(seq)
+        elif mode is SyncMode.BATCH and self._unsynced_bytes >= self.options.sync_bytes:
+            self.sync_to(seq)
+
+    async def _after_append_async(self, seq: int, sync: bool | None) -> None:
+        mode = self.options.sync_mode
+        if sync or (sync is None and mode is SyncMode.IMMEDIATE):
+            await self.wait_durable(seq)
+        elif mode is SyncMode.BATCH and self._unsynced_bytes >= self.options.sync_bytes:
+            self._wake.set()
+
+    def sync(self) -> int:
+        """Make everything appended so far durable; returns the durable sequence number."""
+        self.sync_to(self._last_seq)
+        return self._durable_seq
+
+    def sync_to(self, seq: int) -> None:
+        """Return once `seq` is durable. Concurrent callers share one fsync (group commit)."""
+        if self._durable_seq >= seq:
+            return
+        with self._sync_lock:
+            if self._durable_seq >= seq:
+                return
+            with self._lock:
+                if self._failed is not None:
+                    raise WalError(f"WAL failed earlier ({self._failed}); restart to recover")
+                self._flush_locked()
+                target = self._last_seq
+                fd = self._fd
+                self._unsynced_bytes = 0
+            self._fsync_locked(fd)  # outside _lock: appenders keep going during the fsync
+            with self._lock:
+                if target > self._durable_seq:
+                    self._durable_seq = target
+                    self._active_durable = self._active_durable or target >= self._active_first()
+                self._last_sync = time.monotonic()
+                retired, self._retired_fds = self._retired_fds, []
+                if self._hub.active:
+                    self._hub.publish("sync", self._durable_seq)
+            for old in retired:
+                os.close(old)
+
+    def _active_first(self) -> int:
+        return self._segments[-1].first_seq if self._segments else self._next_seq
+
+    async def wait_durable(self, seq: int) -> int:
+        """Await durability of `seq` without blocking the event loop; returns the durable seq."""
+        if self._durable_seq >= seq:
+            return self._durable_seq
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        with self._waiters_lock:
+            self._waiters.append(_AsyncWaiter(seq, fut, loop))
+        self._start_syncer()
+        self._wake.set()
+        return await fut
+
+    def _start_syncer(self) -> None:
+        if self._syncer is None:
+            with self._waiters_lock:
+                if self._syncer is None:
+                    self._syncer = threading.Thread(
+                        target=self._sync_loop, name="kevo-wal-sync", daemon=True
+                    )
+                    self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        interval_s = self.options.sync_interval_ms / 1000
+        batch_mode = self.options.sync_mode is SyncMode.BATCH
+        while not self._closed:
+            self._wake.wait(interval_s if batch_mode else None)
+            self._wake.clear()
+            try:
+                if self._waiters or (batch_mode and self._unsynced_bytes):
+                    self.sync_to(self._last_seq)
+                error: BaseException | None = None
+            except WalError as err:
+                error = err
+            self._resolve_waiters(error)
+        self._resolve_waiters(WalClosedError("WAL closed before the write became durable"))
+
+    def _resolve_waiters(self, error: BaseException | None) -> None:
+        durable = self._durable_seq
+        with self._waiters_lock:
+            done = [w for w in self._waiters if error is not None or w.seq <= durable]
+            self._waiters = [w for w in self._waiters if w not in done] if done else self._waiters
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[int]]] = {}
+        for w in done:
+            by_loop.setdefault(w.loop, []).append(w.future)
+        for loop, futures in by_loop.items():
+            # One wake-up per event loop per sync round, however many tasks were waiting.
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, futures, durable, error)
+
+    # ------------------------------------------------------------------ reading
+
+    def entries_from(self, seq: int, max_seq: int | None = None) -> Iterator[Entry]:
+        """Entries with sequence >= `seq` (the seed's GetEntriesFrom), lazily, in log order."""
+        for unit in self.units_from(seq, max_seq):
+            for entry in unit.entries:
+                if entry.seq >= seq:
+                    yield entry
+
+    def units_from(self, seq: int, max_seq: int | None = None) -> Iterator[Unit]:
+        """Whole units whose last sequence is >= `seq`, up to what was written when reached.
+
+        Goes straight to the segment holding `seq` and, through the sparse index, near its offset.
+        Raises SequenceCompactedError when `seq` is older than the oldest retained entry.
+        """
+        with self._lock:
+            if self._closed:
+                raise WalClosedError("WAL is closed")
+            self._flush_locked()
+            oldest = self._first_seq_locked()
+            if seq < oldest and seq <= self._last_seq:
+                raise SequenceCompactedError(seq, oldest)
+            pos = self._locate_locked(seq)
+        if pos is None:
+            return
+        yield from self._read_from(pos[0], pos[1], seq, max_seq)
+
+    def _locate_locked(self, seq: int) -> tuple[str, int] | None:
+        if not self._segments:
+            return None
+        firsts = [s.first_seq for s in self._segments]
+        i = max(bisect.bisect_right(firsts, seq) - 1, 0)
+        # Several segments can start at the same number (empty ones); take the first of them.
+        while i > 0 and firsts[i - 1] == firsts[i] and firsts[i] >= seq:
+            i -= 1
+        seg = self._segments[i]
+        # The last index point whose unit starts strictly before seq: units sharing seq (Kevo
+        # HEAD's equal-seq batches) all come after it.
+        j = bisect.bisect_left(seg.index, (seq, -1)) - 1
+        return seg.name, seg.index[j][1] if j >= 0 else 0
+
+    def _read_from(self, name: str, offset: int, seq: int, max_seq: int | None) -> Iterator[Unit]:
+        fd = self._open_segment(name, seq)
+        try:
+            while True:
+                with self._lock:
+                    seg = self._find_locked(name)
+                    active = seg is not None and seg is self._segments[-1]
+                    limit = self._written if active else (seg.size if seg else os.fstat(fd).st_size)
+                    nxt = self._next_name_locked(name)
+                if offset < limit:
+                    reader = SegmentReader(fd, offset, limit)
+                    for unit in reader:
+                        if seg is not None and not seg.index_complete:
+                            self._index_unit(seg, unit.first_seq, unit.offset)
+                        if max_seq is not None and unit.first_seq > max_seq:
+                            return
+                        if unit.last_seq >= seq:
+                            yield unit
+                    end = reader.end
+                    assert end is not None
+                    if end.outcome is not Outcome.CLEAN:
+                        raise CorruptionError(
+                            os.path.join(self.directory, name), end.bad_offset, end.reason
+                        )
+                    offset = end.offset
+                    if seg is not None and not active:
+                        seg.index_complete = True
+                    continue  # the limit may have moved while we read
+                if active or nxt is None:
+                    return
+                os.close(fd)
+                fd = -1
+                name, offset = nxt, 0
+                fd = self._open_segment(name, seq)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _open_segment(self, name: str, seq: int) -> int:
+        try:
+            return os.open(os.path.join(self.directory, name), os.O_RDONLY)
+        except FileNotFoundError:
+            # Retention removed it between lookup and open.
+            raise SequenceCompactedError(seq, self.first_seq) from None
+
+    def _find_locked(self, name: str) -> _Segment | None:
+        for seg in self._segments:
+            if seg.name == name:
+                return seg
+        return None
+
+    def _next_name_locked(self, name: str) -> str | None:
+        for seg in self._segments:
+            if seg.name > name:
+                return seg.name
+        return None
+
+    # ------------------------------------------------------------------ observers and holds
+
+    def add_observer(self, observer: WalObserver) -> None:
+        self._hub.add(observer)
+
+    def remove_observer(self, observer: WalObserver) -> None:
+        self._hub.remove(observer)
+
+    def hold(self, name: str, seq: int) -> None:
+        """Keep every entry with sequence >= `seq` from retention until `release(name)`."""
+        with self._lock:
+            self._holds[name] = seq
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._holds.pop(name, None)
+
+    # ------------------------------------------------------------------ retention
+
+    def apply_retention(self, policy: RetentionPolicy, now: float | None = None) -> list[str]:
+        """Delete the oldest closed segments the policy allows; returns the deleted paths."""
+        now = time.time() if now is None else now
+        with self._lock:
+            doomed = self._retention_victims_locked(policy, now)
+            self._segments = self._segments[len(doomed) :]
+        for seg in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(seg.path)
+        if doomed:
+            fsutil.fsync_dir(self.directory)
+            log.info("WAL retention deleted %d segment(s) up to %s", len(doomed), doomed[-1].name)
+        return [s.path for s in doomed]
+
+    def _retention_victims_locked(self, policy: RetentionPolicy, now: float) -> list[_Segment]:
+        floor = min(self._holds.values(), default=MAX_SEQ + 1)
+        closed = self._segments[:-1]
+        if closed and not self._active_durable:
+            closed = closed[:-1]  # keep the last durable record of where the sequence stands
+        total = sum(s.size for s in self._segments)
+        doomed: list[_Segment] = []
+        for i, seg in enumerate(closed):
+            last_seq = self._segments[i + 1].first_seq - 1
+            if last_seq >= floor:
+                break
+            by_seq = policy.min_seq_keep is not None and last_seq < policy.min_seq_keep
+            by_size = policy.max_total_bytes is not None and total > policy.max_total_bytes
+            by_age = policy.max_age_s is not None and now - _mtime(seg.path) > policy.max_age_s
+            if not (by_seq or by_size or by_age):
+                break
+            doomed.append(seg)
+            total -= seg.size
+        return doomed
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Flush and fsync everything, stop the helper threads, release the directory."""
+        if self._closed:
+            return
+        try:
+            if self._failed is None:
+                self.sync()
+        finally:
+            with self._lock:
+                self._closed = True
+            self._wake.set()
+            if self._syncer is not None:
+                self._syncer.join(5)
+            self._hub.close()
+            for fd in [self._fd, *self._retired_fds]:
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = -1
+            self._retired_fds = []
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = -1
+
+    def __enter__(self) -> WAL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _settle(futures: list[asyncio.Future[int]], durable: int, error: BaseException | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(durable)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def lock_directory(directory: str) -> int:
+    fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WalLockedError(f"{directory} is in use by another process (LOCK is held)") from None
+    return fd
+
+
+def _cut_tail(fd: int, path: str, end: ReadEnd) -> TornTail:
+    """Truncate a torn tail at `end.offset`, keeping the cut bytes in NAME.wal.torn-OFFSET."""
+    size = os.fstat(fd).st_size
+    cut = os.pread(fd, size - end.offset, end.offset)
+    kept_at = f"{path}.torn-{end.offset}"
+    suffix = 0
+    while os.path.exists(kept_at):  # never overwrite bytes kept by an earlier repair
+        suffix += 1
+        kept_at = f"{path}.torn-{end.offset}.{suffix}"
+    fsutil.atomic_write(kept_at, cut)
+    os.ftruncate(fd, end.offset)
+    fsutil.fsync_fd(fd)
+    return TornTail(path, end.offset, len(cut), kept_at, end.reason)
+
+
+def repair_segment(path: str) -> TornTail | None:
+    """Cut a torn tail off one segment file (for `wal repair`); corruption is not repaired."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        reader = SegmentReader(fd)
+        for _ in reader:
+            pass
+        end = reader.end
+        assert end is not None
+        if end.outcome is Outcome.CORRUPT:
+            raise CorruptionError(path, end.bad_offset, end.reason)
+        if end.outcome is Outcome.CLEAN:
+            return None
+        return _cut_tail(fd, path, end)
+    finally:
+        os.close(fd)
+
+
+def _validate_options(options: WalOptions) -> None:
+    if options.segment_bytes_max < 4096:
+        raise InvalidArgumentError("segment_bytes_max must be at least 4096")
+    if options.sync_bytes < 1 or options.sync_interval_ms < 1:
+        raise InvalidArgumentError("sync_bytes and sync_interval_ms must be positive")
+    if options.buffer_bytes < 0 or options.index_every_bytes < 1 or options.observer_queue_max < 1:
+        raise InvalidArgumentError("buffer_bytes, index_every_bytes, observer_queue_max invalid")
