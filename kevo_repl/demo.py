@@ -24,7 +24,9 @@ def run_wal_demo(directory: str | None) -> int:
     start = wal.append_batch([(Op.PUT, b"account:a", b"90"), (Op.PUT, b"account:b", b"110")])
     wal.append(Op.PUT, b"big", b"x" * 100_000)  # fragmented into FIRST/MIDDLE/LAST records
     wal.append(Op.DELETE, b"writer:0:0")
-    print(f"atomic batch at seq {start}; last seq {wal.last_seq}; {len(wal.segment_paths())} segments")
+    print(
+        f"atomic batch at seq {start}; last seq {wal.last_seq}; {len(wal.segment_paths())} segments"
+    )
     last_file = wal.segment_paths()[-1]
     wal.close()
 
@@ -34,7 +36,10 @@ def run_wal_demo(directory: str | None) -> int:
     wal = WAL.open(wal_dir)
     torn = wal.recovery.torn
     if torn is not None:
-        print(f"recovery cut {torn.bytes_cut} torn bytes at offset {torn.offset}; kept in {torn.kept_at}")
+        print(
+            f"recovery cut {torn.bytes_cut} torn bytes at offset {torn.offset}; "
+            f"kept in {torn.kept_at}"
+        )
     print(f"recovered: last seq {wal.last_seq}, next seq {wal.next_seq}")
     tail = list(wal.entries_from(wal.last_seq - 2))
     wal.close()

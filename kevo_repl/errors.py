@@ -57,7 +57,8 @@ class SequenceCompactedError(WalError):
 
     def __init__(self, requested: int, oldest: int) -> None:
         super().__init__(
-            f"sequence {requested} is no longer in the WAL: the oldest retained sequence is {oldest}"
+            f"sequence {requested} is no longer in the WAL: "
+            f"the oldest retained sequence is {oldest}"
         )
         self.requested = requested
         self.oldest = oldest

@@ -156,7 +156,7 @@ def _repair_files(files: list[str], out: TextIO) -> int:
         for _ in read_units(file, verdicts):
             pass
         if verdicts[-1].end.outcome is not Outcome.CLEAN:
-            return _report_problem(verdicts, files[:-1] + ["<not the last file>"])
+            return _report_problem(verdicts, [*files[:-1], "<not the last file>"])
     try:
         torn = repair_segment(files[-1])
     except CorruptionError as err:

@@ -9,7 +9,9 @@ Physical record (little-endian), exactly Kevo's::
 
 Logical entry (the payload of a FULL record, or FIRST+MIDDLE*+LAST concatenated)::
 
-    u8 op (1 Put, 2 Delete, 3 Merge) | u64 seq | u32 keylen | key | [u32 vallen | value]   (no value for Delete)
+    u8 op (1 Put, 2 Delete, 3 Merge) | u64 seq | u32 keylen | key | [u32 vallen | value]
+
+(a Delete has no value-length field at all)
 
 An entry whose encoding exceeds 32768 bytes is fragmented: FIRST holds op, seq, keylen and up to
 32755 key bytes; MIDDLE records of exactly 32768 bytes follow while more than 32768 remain; one LAST
@@ -22,7 +24,8 @@ Batches, in the three forms Kevo has written over time (KEVO_COMPAT.md §1.5):
   ``u8 4 | u64 start_seq | u32 count`` followed by ``count`` entries with seq = start_seq + i, each
   keeping its own op. We also let an entry inside a batch fragment like any other entry.
 * format B (the seed's ``Batch.Write``): one FULL entry with op 4 whose key is the blob
-  ``u32 count | u64 base_seq | (u8 op | u32 keylen | key | [u32 vallen | value])*`` and an empty value.
+  ``u32 count | u64 base_seq | (u8 op | u32 keylen | key | [u32 vallen | value])*`` and an
+  empty value.
 * HEAD: entries written one FULL record each, all with the same seq. Nothing in the bytes marks
   them as a batch, so they read as separate single-entry units.
 
@@ -34,8 +37,8 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 HEADER_SIZE = 7
 MAX_RECORD_PAYLOAD = 32 * 1024
@@ -66,6 +69,9 @@ class Op(IntEnum):
     MERGE = 3
 
 
+_OPS = (None, Op.PUT, Op.DELETE, Op.MERGE)  # op byte -> Op without the cost of Op(n)
+
+
 class BatchForm(IntEnum):
     """How a unit was laid out on disk; kept so a dump can tell the forms apart."""
 
@@ -88,16 +94,16 @@ class CodecError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    # A NamedTuple rather than a frozen dataclass: readers build millions of these and tuple
+    # construction is several times cheaper.
     seq: int
     op: Op
     key: bytes
     value: bytes = b""  # always b"" for a Delete
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
+class Unit(NamedTuple):
     """One atomic group of entries as found at `offset`, spanning `length` bytes."""
 
     entries: tuple[Entry, ...]
@@ -217,7 +223,9 @@ def _read_logical(buf: bytes, pos: int) -> tuple[bytes, int] | None:
     if rtype == RECORD_FULL:
         return payload, nxt
     if rtype != RECORD_FIRST:
-        raise CodecError(pos, nxt, f"{'MIDDLE' if rtype == RECORD_MIDDLE else 'LAST'} without FIRST")
+        raise CodecError(
+            pos, nxt, f"{'MIDDLE' if rtype == RECORD_MIDDLE else 'LAST'} without FIRST"
+        )
     parts = [payload]
     total = len(payload)
     while True:
@@ -236,16 +244,45 @@ def _read_logical(buf: bytes, pos: int) -> tuple[bytes, int] | None:
             return b"".join(parts), nxt
 
 
-def decode_unit(buf: bytes, pos: int) -> Unit | None:
-    """Decode the unit starting at `pos`; None if `buf` ends before the unit does."""
+def decode_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
+    """Decode the unit starting at `pos`; None if `buf` ends before the unit does.
+
+    `base` is added to the unit's offset (the file offset of `buf[0]`); error offsets stay
+    relative to `buf`.
+    """
+    # Fast path for the common case, a FULL record holding one Put/Delete/Merge: inlined because
+    # readers spend most of their time here.
+    if len(buf) - pos >= HEADER_SIZE:
+        crc, length, rtype = _HEADER.unpack_from(buf, pos)
+        end = pos + HEADER_SIZE + length
+        if rtype == RECORD_FULL and end <= len(buf) and length >= ENTRY_HEADER_SIZE:
+            payload = buf[pos + HEADER_SIZE : end]
+            op = payload[0]
+            if 0 < op < OP_BATCH and _crc32(payload) == crc:
+                _, seq, keylen = _ENTRY_HEAD.unpack_from(payload, 0)
+                kend = ENTRY_HEADER_SIZE + keylen
+                if op == Op.DELETE and kend <= length:
+                    entry = Entry(seq, Op.DELETE, payload[ENTRY_HEADER_SIZE:kend])
+                    return Unit((entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq)
+                if kend + 4 <= length:
+                    vend = kend + 4 + _U32.unpack_from(payload, kend)[0]
+                    if vend <= length:
+                        key, value = payload[ENTRY_HEADER_SIZE:kend], payload[kend + 4 : vend]
+                        entry = Entry(seq, _OPS[op], key, value)  # type: ignore[arg-type]
+                        return Unit((entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq)
+    return _decode_unit_slow(buf, pos, base)
+
+
+def _decode_unit_slow(buf: bytes, pos: int, base: int) -> Unit | None:
     got = _read_logical(buf, pos)
     if got is None:
         return None
     payload, nxt = got
     if payload and payload[0] == OP_BATCH:
-        return _decode_batch(buf, pos, payload, nxt)
+        unit = _decode_batch(buf, pos, payload, nxt)
+        return unit._replace(offset=base + pos) if unit is not None and base else unit
     entry = decode_entry(payload, pos, nxt)
-    return Unit((entry,), pos, nxt - pos, BatchForm.SINGLE, entry.seq, entry.seq)
+    return Unit((entry,), base + pos, nxt - pos, BatchForm.SINGLE, entry.seq, entry.seq)
 
 
 def _decode_batch(buf: bytes, pos: int, payload: bytes, nxt: int) -> Unit | None:
@@ -255,7 +292,9 @@ def _decode_batch(buf: bytes, pos: int, payload: bytes, nxt: int) -> Unit | None
     return _decode_seed_blob_batch(payload, pos, nxt)
 
 
-def _decode_seed_header_batch(buf: bytes, pos: int, nxt: int, start: int, count: int) -> Unit | None:
+def _decode_seed_header_batch(
+    buf: bytes, pos: int, nxt: int, start: int, count: int
+) -> Unit | None:
     if start + count - 1 > MAX_SEQ:
         raise CodecError(pos, nxt, f"batch of {count} from sequence {start} overflows u64")
     entries = []
@@ -306,7 +345,9 @@ def _decode_seed_blob_batch(payload: bytes, pos: int, nxt: int) -> Unit:
     return Unit(tuple(entries), pos, nxt - pos, BatchForm.SEED_BLOB, base, last)
 
 
-def _blob_field(payload: bytes, at: int, n: int, limit: int, pos: int, nxt: int) -> tuple[bytes, int]:
+def _blob_field(
+    payload: bytes, at: int, n: int, limit: int, pos: int, nxt: int
+) -> tuple[bytes, int]:
     if at + n > limit:
         raise CodecError(pos, nxt, "batch blob field runs past the blob")
     return payload[at : at + n], at + n

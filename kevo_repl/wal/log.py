@@ -58,6 +58,8 @@ from kevo_repl.wal.segment import (
 
 log = logging.getLogger(__name__)
 
+_VALID_OPS = frozenset((Op.PUT, Op.DELETE, Op.MERGE))
+
 
 class SyncMode(enum.Enum):
     NONE = "none"
@@ -146,6 +148,12 @@ class WAL:
         self._wake = threading.Event()
         self._syncer: threading.Thread | None = None
         self.recovery = RecoveryReport(0, 0, None)
+        # Read on every append: plain attributes are cheaper than walking `options`.
+        self._immediate = options.sync_mode is SyncMode.IMMEDIATE
+        self._batch_mode = options.sync_mode is SyncMode.BATCH
+        self._segment_max = options.segment_bytes_max
+        self._index_every = options.index_every_bytes
+        self._buffer_max = options.buffer_bytes
 
     # ------------------------------------------------------------------ opening and recovery
 
@@ -220,7 +228,11 @@ class WAL:
             first = next(iter(reader), None)
         finally:
             os.close(fd)
-        if first is None and size > 0 and (reader.end is None or reader.end.outcome is not Outcome.CLEAN):
+        if (
+            first is None
+            and size > 0
+            and (reader.end is None or reader.end.outcome is not Outcome.CLEAN)
+        ):
             # The first unit may be larger than the probe; read the whole file for a verdict.
             first = self._first_unit_full(path, size)
         seg = _Segment(name, path, first.first_seq if first else -1, size)
@@ -362,18 +374,34 @@ class WAL:
         return start
 
     def _append_entry(self, op: Op, key: bytes, value: bytes) -> int:
-        if op not in (Op.PUT, Op.DELETE, Op.MERGE):
+        # The hot path of every write: kept flat on purpose (no helper calls in the common case).
+        if op not in _VALID_OPS:
             raise InvalidArgumentError(f"invalid WAL operation {op!r}")
         with self._lock:
-            self._check_writable()
+            if self._closed or self._failed is not None:
+                self._check_writable()
             seq = self._next_seq
             if seq > MAX_SEQ:
                 raise WalError("sequence numbers exhausted (u64)")
             data = encode_entry(seq, op, key, value)
-            self._write_unit_locked(data, seq)
+            n = len(data)
+            seg = self._segments[-1] if self._segments else None
+            if seg is None or seg.size + n > self._segment_max or n > MAX_UNIT_BYTES:
+                self._write_unit_locked(data, seq)
+            else:
+                off = seg.size
+                if off - seg.last_index_offset >= self._index_every:
+                    seg.index.append((seq, off))
+                    seg.last_index_offset = off
+                buf = self._buf
+                buf += data
+                seg.size = off + n
+                self._unsynced_bytes += n
+                if len(buf) >= self._buffer_max:
+                    self._flush_locked()
             self._next_seq = seq + 1
             self._last_seq = seq
-            if self._hub.active:
+            if self._hub.observers:
                 self._hub.publish("entry", Entry(seq, op, key, b"" if op == Op.DELETE else value))
         return seq
 
@@ -393,7 +421,7 @@ class WAL:
             self._write_unit_locked(data, start)
             self._next_seq = last + 1
             self._last_seq = last
-            if self._hub.active:
+            if self._hub.observers:
                 entries = [
                     Entry(start + i, op, k, b"" if op == Op.DELETE else v)
                     for i, (op, k, v) in enumerate(ops)
@@ -478,10 +506,11 @@ class WAL:
     # ------------------------------------------------------------------ durability
 
     def _after_append(self, seq: int, sync: bool | None) -> None:
-        mode = self.options.sync_mode
-        if sync or (sync is None and mode is SyncMode.IMMEDIATE):
-            self.sync_to(seq)
-        elif mode is SyncMode.BATCH and self._unsynced_bytes >= self.options.sync_bytes:
+        if (
+            sync
+            or (sync is None and self._immediate)
+            or (self._batch_mode and self._unsynced_bytes >= self.options.sync_bytes)
+        ):
             self.sync_to(seq)
 
     async def _after_append_async(self, seq: int, sync: bool | None) -> None:
@@ -517,7 +546,7 @@ class WAL:
                     self._active_durable = self._active_durable or target >= self._active_first()
                 self._last_sync = time.monotonic()
                 retired, self._retired_fds = self._retired_fds, []
-                if self._hub.active:
+                if self._hub.observers:
                     self._hub.publish("sync", self._durable_seq)
             for old in retired:
                 os.close(old)

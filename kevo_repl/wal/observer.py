@@ -36,20 +36,16 @@ _STOP: _Event = ("stop", None, None)
 
 class ObserverHub:
     def __init__(self, queue_max: int) -> None:
-        self._observers: tuple[WalObserver, ...] = ()
+        self.observers: tuple[WalObserver, ...] = ()
         self._queue: queue.Queue[_Event] = queue.Queue(maxsize=queue_max)
         self._missed = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.dropped = 0
 
-    @property
-    def active(self) -> bool:
-        return bool(self._observers)
-
     def add(self, observer: WalObserver) -> None:
         with self._lock:
-            self._observers = (*self._observers, observer)
+            self.observers = (*self.observers, observer)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="kevo-wal-observers", daemon=True
@@ -58,7 +54,7 @@ class ObserverHub:
 
     def remove(self, observer: WalObserver) -> None:
         with self._lock:
-            self._observers = tuple(o for o in self._observers if o is not observer)
+            self.observers = tuple(o for o in self.observers if o is not observer)
 
     def publish(self, kind: str, a: object, b: object = None) -> None:
         try:
@@ -91,7 +87,7 @@ class ObserverHub:
             self._deliver(*event)
 
     def _deliver(self, kind: str, a: object, b: object) -> None:
-        for obs in self._observers:
+        for obs in self.observers:
             try:
                 if kind == "entry":
                     obs.on_entry_written(a)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import enum
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kevo_repl.wal.codec import CodecError, Unit, decode_unit
 
@@ -69,13 +69,13 @@ class SegmentReader:
         at = 0
         while True:
             try:
-                unit = decode_unit(buf, at)
+                unit = decode_unit(buf, at, base)
             except CodecError as err:
                 self.end = self._classify(err, base + at, base)
                 return
             if unit is not None:
                 at += unit.length
-                yield _rebase(unit, base)
+                yield unit
                 continue
             more = self._read(base + len(buf), max(READ_CHUNK_BYTES, len(buf) - at))
             if not more:
@@ -110,8 +110,3 @@ class SegmentReader:
                 return False
             pos += len(chunk)
         return True
-
-
-
-def _rebase(unit: Unit, base: int) -> Unit:
-    return replace(unit, offset=unit.offset + base) if base else unit
