@@ -131,6 +131,7 @@ class WAL:
         self._segments: list[_Segment] = []
         self._fd = -1  # active segment's write descriptor
         self._retired_fds: list[int] = []  # old active fds a sync leader may still be using
+        self._leader_fd = -1  # the fd the running sync leader is fsyncing, if any
         self._buf = bytearray()
         self._written = 0  # bytes of the active segment handed to write(2)
         self._next_seq = 1
@@ -373,6 +374,14 @@ class WAL:
         await self._after_append_async(start + len(ops) - 1, sync)
         return start
 
+    def append_nowait(self, op: Op, key: bytes, value: bytes = b"") -> int:
+        """Append without waiting for any sync; pair with `wait_durable` / `sync_to`."""
+        return self._append_entry(op, key, value)
+
+    def append_batch_nowait(self, ops: Sequence[tuple[Op, bytes, bytes]]) -> int:
+        """Append an atomic batch without waiting for any sync; returns its first sequence."""
+        return self._append_batch(ops)
+
     def _append_entry(self, op: Op, key: bytes, value: bytes) -> int:
         # The hot path of every write: kept flat on purpose (no helper calls in the common case).
         if op not in _VALID_OPS:
@@ -449,6 +458,13 @@ class WAL:
             seg.index.append((first_seq, offset))
             seg.last_index_offset = offset
 
+    def _index_from_reader(self, seg: _Segment, first_seq: int, offset: int) -> None:
+        # Readers may race each other (and the writer, on the active segment): the cheap check
+        # runs unlocked, the append under the lock after checking again.
+        if offset - seg.last_index_offset >= self._index_every:
+            with self._lock:
+                self._index_unit(seg, first_seq, offset)
+
     def _flush_locked(self) -> None:
         if self._buf:
             try:
@@ -465,7 +481,10 @@ class WAL:
             self._flush_locked()
             self._fsync_locked(self._fd)
             self._durable_seq = max(self._durable_seq, self._last_seq)
-            self._retired_fds.append(self._fd)
+            if self._fd == self._leader_fd:
+                self._retired_fds.append(self._fd)  # a sync leader is using it: it closes it
+            else:
+                os.close(self._fd)
             self._segments[-1].index_complete = True
         prev = self._segments[-1].name if self._segments else None
         stamp = time.time_ns()
@@ -537,9 +556,13 @@ class WAL:
                     raise WalError(f"WAL failed earlier ({self._failed}); restart to recover")
                 self._flush_locked()
                 target = self._last_seq
-                fd = self._fd
+                fd = self._leader_fd = self._fd
                 self._unsynced_bytes = 0
-            self._fsync_locked(fd)  # outside _lock: appenders keep going during the fsync
+            try:
+                self._fsync_locked(fd)  # outside _lock: appenders keep going during the fsync
+            finally:
+                with self._lock:
+                    self._leader_fd = -1
             with self._lock:
                 if target > self._durable_seq:
                     self._durable_seq = target
@@ -561,6 +584,10 @@ class WAL:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
         with self._waiters_lock:
+            # Checked under the lock the sync thread resolves under: a waiter is either seen by
+            # its last round or refused here, never left hanging.
+            if self._closed:
+                raise WalClosedError("WAL is closed")
             self._waiters.append(_AsyncWaiter(seq, fut, loop))
         self._start_syncer()
         self._wake.set()
@@ -595,13 +622,13 @@ class WAL:
         with self._waiters_lock:
             done = [w for w in self._waiters if error is not None or w.seq <= durable]
             self._waiters = [w for w in self._waiters if w not in done] if done else self._waiters
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[int]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[_AsyncWaiter]] = {}
         for w in done:
-            by_loop.setdefault(w.loop, []).append(w.future)
-        for loop, futures in by_loop.items():
+            by_loop.setdefault(w.loop, []).append(w)
+        for loop, waiters in by_loop.items():
             # One wake-up per event loop per sync round, however many tasks were waiting.
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle, futures, durable, error)
+                loop.call_soon_threadsafe(_settle, waiters, durable, error)
 
     # ------------------------------------------------------------------ reading
 
@@ -618,6 +645,7 @@ class WAL:
         Goes straight to the segment holding `seq` and, through the sparse index, near its offset.
         Raises SequenceCompactedError when `seq` is older than the oldest retained entry.
         """
+        seq = max(seq, 1)  # nothing below 1 ever existed, so 0 cannot have been compacted away
         with self._lock:
             if self._closed:
                 raise WalClosedError("WAL is closed")
@@ -657,7 +685,7 @@ class WAL:
                     reader = SegmentReader(fd, offset, limit)
                     for unit in reader:
                         if seg is not None and not seg.index_complete:
-                            self._index_unit(seg, unit.first_seq, unit.offset)
+                            self._index_from_reader(seg, unit.first_seq, unit.offset)
                         if max_seq is not None and unit.first_seq > max_seq:
                             return
                         if unit.last_seq >= seq:
@@ -758,17 +786,19 @@ class WAL:
 
     def close(self) -> None:
         """Flush and fsync everything, stop the helper threads, release the directory."""
-        if self._closed:
-            return
+        with self._lock:
+            if self._closed:
+                return
+            # Refuse new appends before the final sync, so none can slip in after it.
+            self._closed = True
         try:
             if self._failed is None:
                 self.sync()
         finally:
-            with self._lock:
-                self._closed = True
             self._wake.set()
             if self._syncer is not None:
                 self._syncer.join(5)
+            self._resolve_waiters(WalClosedError("WAL closed before the write became durable"))
             self._hub.close()
             for fd in [self._fd, *self._retired_fds]:
                 if fd >= 0:
@@ -789,14 +819,14 @@ class WAL:
         self.close()
 
 
-def _settle(futures: list[asyncio.Future[int]], durable: int, error: BaseException | None) -> None:
-    for fut in futures:
-        if fut.done():
+def _settle(waiters: list[_AsyncWaiter], durable: int, error: BaseException | None) -> None:
+    for w in waiters:
+        if w.future.done():
             continue
-        if error is not None:
-            fut.set_exception(error)
+        if w.seq <= durable:  # durable is durable, even if the WAL failed or closed since
+            w.future.set_result(durable)
         else:
-            fut.set_result(durable)
+            w.future.set_exception(error or WalError("write not durable"))
 
 
 def _mtime(path: str) -> float:
