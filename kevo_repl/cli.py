@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from kevo_repl import __version__, walcli
-from kevo_repl.errors import KevoReplError
+from kevo_repl.config import NodeConfig
+from kevo_repl.errors import ConfigError, KevoReplError, WalLockedError
+from kevo_repl.store import StoreLockedError
 
 EXIT_USAGE = 2
+EXIT_LISTEN = 3
+EXIT_IN_USE = 4
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kevo_repl.config import build, load_toml
+    from kevo_repl.node.server import serve
+
+    values = load_toml(args.config) if args.config else {}
+    source = f"config file {args.config}" if args.config else "command line"
+    for f in dataclasses.fields(NodeConfig):
+        given = getattr(args, f.name)
+        if given is not None:
+            values[f.name] = given
+    config = build(values, source)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(serve(config))
+    return 0
 
 
 def _seq(text: str) -> int:
@@ -39,18 +65,62 @@ def build_parser() -> argparse.ArgumentParser:
     r = wal.add_parser("repair", help="cut a torn tail, keeping the cut bytes beside the file")
     r.add_argument("path")
 
+    _add_serve(sub)
+    _add_client_commands(sub)
+
     demo = sub.add_parser("demo", help="show the WAL at work in a scratch directory")
     demo.add_argument("--dir", help="directory to use (default: a new temporary one)")
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run a node in the foreground until SIGTERM/SIGINT")
+    serve.add_argument("--config", help="TOML file; flags given here override it")
+    for f in dataclasses.fields(NodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            serve.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None
+            )
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            serve.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
+
+
+def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, helptext in (
+        ("put", "write KEY=VALUE"),
+        ("get", "read KEY"),
+        ("delete", "delete KEY"),
+        ("scan", "list keys"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--addr", required=True, help="HOST:PORT of a node")
+        if name != "scan":
+            p.add_argument("key")
+        if name == "put":
+            p.add_argument("value")
+            p.add_argument("--sync", action="store_true", help="wait until the write is on disk")
+        if name == "scan":
+            p.add_argument("--prefix", default="")
+            p.add_argument("--start", default="")
+            p.add_argument("--end", default="")
+            p.add_argument("--limit", type=int, default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (WalLockedError, StoreLockedError) as err:
+        print(f"error: data directory in use: {err}", file=sys.stderr)
+        return EXIT_IN_USE
     except KevoReplError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_LISTEN if type(err).__name__ == "ListenError" else 1
     except BrokenPipeError:  # `kevo-repl wal dump ... | head`
         return 0
 
@@ -62,6 +132,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.wal_command == "verify":
             return walcli.verify(args.path, sys.stdout)
         return walcli.repair(args.path, sys.stdout)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command in ("put", "get", "delete", "scan"):
+        from kevo_repl.client_cli import run_client
+
+        return run_client(args)
     if args.command == "demo":
         from kevo_repl.demo import run_wal_demo
 

@@ -1,0 +1,94 @@
+"""Node configuration: defaults, then a TOML file, then command-line flags, each validated.
+
+Every key of the TOML file has a flag of the same name with dashes (`sync_mode` / `--sync-mode`).
+Unknown keys, wrong types and impossible values are `ConfigError`s naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from kevo_repl.errors import ConfigError
+from kevo_repl.wal import SyncMode
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    data_dir: str = ""
+    listen: str = "127.0.0.1:50051"
+    sync_mode: str = "immediate"  # none | batch | immediate
+    sync_bytes: int = 1024 * 1024
+    sync_interval_ms: int = 100
+    segment_bytes: int = 64 * 1024 * 1024
+    wal_retain_bytes: int = 1024 * 1024 * 1024  # applied WAL kept beyond the store's checkpoint
+    checkpoint_interval_ms: int = 5000
+    store_sync: bool = False  # fsync the store on every transaction instead of at checkpoints
+    grace_s: float = 5.0  # how long in-flight RPCs may finish at shutdown
+    log_level: str = "info"
+
+    @property
+    def wal_sync_mode(self) -> SyncMode:
+        return SyncMode(self.sync_mode)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_POSITIVE = {"sync_bytes", "sync_interval_ms", "segment_bytes", "checkpoint_interval_ms"}
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def build(values: dict[str, Any], source: str) -> NodeConfig:
+    """A validated NodeConfig from defaults overlaid with `values` (from `source`)."""
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+        kwargs[key] = _coerce(key, value, source)
+    config = NodeConfig(**kwargs)
+    _validate(config, source)
+    return config
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    expected = type(getattr(NodeConfig(), key))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {key} must be {expected.__name__}, not {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _validate(config: NodeConfig, source: str) -> None:
+    if not config.data_dir:
+        raise ConfigError(f"{source}: data_dir is required (--data-dir DIR)")
+    if config.sync_mode not in {m.value for m in SyncMode}:
+        raise ConfigError(f"{source}: sync_mode must be none, batch or immediate")
+    for key in _POSITIVE:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{source}: {key} must be positive")
+    if config.segment_bytes < 4096:
+        raise ConfigError(f"{source}: segment_bytes must be at least 4096")
+    if config.wal_retain_bytes < 0 or config.grace_s < 0:
+        raise ConfigError(f"{source}: wal_retain_bytes and grace_s must not be negative")
+    parse_address(config.listen, f"{source}: listen")
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port_text)

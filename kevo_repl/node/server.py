@@ -1,0 +1,145 @@
+"""Runs a standalone node: store + WAL + gRPC server, until SIGTERM/SIGINT.
+
+Exit codes (the CLI's contract): 0 clean stop, 2 bad flag or config, 3 cannot listen (address in
+use), 4 data directory in use by another process, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kevo_repl import __version__
+from kevo_repl.config import NodeConfig
+from kevo_repl.errors import KevoReplError
+from kevo_repl.node.engine import Engine, WalOpener
+from kevo_repl.node.service import Counters, KevoService
+from kevo_repl.node.transactions import TxRegistry
+from kevo_repl.proto import service_pb2_grpc
+from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
+from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
+from kevo_repl.wal import RetentionPolicy, WalOptions
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES_MAX = 64 * 1024 * 1024  # > the SDK's 16 MiB and any batch of 10 MiB values
+TX_SWEEP_S = 5.0
+
+# What the python-kevo SDK's channels need (KEVO_COMPAT.md §3.3): idle pings every 30 s must not
+# earn a GOAWAY "too_many_pings", and its 16 MiB messages must fit.
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+    ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
+]
+
+
+class ListenError(KevoReplError):
+    """The gRPC server could not bind its address."""
+
+
+def open_engine(config: NodeConfig) -> Engine:
+    store = LmdbStore.open(os.path.join(config.data_dir, "store"), sync_each_txn=config.store_sync)
+    wal_options = WalOptions(
+        sync_mode=config.wal_sync_mode,
+        sync_bytes=config.sync_bytes,
+        sync_interval_ms=config.sync_interval_ms,
+        segment_bytes_max=config.segment_bytes,
+    )
+    opener = WalOpener(os.path.join(config.data_dir, "wal"), wal_options)
+    retention = RetentionPolicy(max_total_bytes=config.wal_retain_bytes)
+    try:
+        return Engine.open(opener, store, retention, MAX_KEY_BYTES)
+    except BaseException:
+        store.close()
+        raise
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGTERM/SIGINT arrives)."""
+    stop = stop or asyncio.Event()
+    engine = open_engine(config)
+    counters = Counters()
+    registry = TxRegistry(time.monotonic)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer = KevoService(engine, registry, counters)
+    add_kevo = service_pb2_grpc.add_KevoServiceServicer_to_server
+    add_kevo(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server)
+    try:
+        port = _bind(server, config.listen)
+        await server.start()
+        for name in ("", KEVO_SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = config.listen.rpartition(":")[0]
+        log.info(
+            "kevo-repl %s listening on %s:%d (data %s)", __version__, host, port, config.data_dir
+        )
+        _install_signals(stop)
+        background = asyncio.gather(
+            _checkpoints(engine, counters, config.checkpoint_interval_ms / 1000, stop),
+            _sweeps(registry, stop),
+        )
+        await stop.wait()
+        log.info("stopping: letting in-flight requests finish for up to %.1fs", config.grace_s)
+        for name in ("", KEVO_SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(config.grace_s)
+        await background
+    finally:
+        await server.stop(None)
+        await engine.close()
+        log.info("stopped; WAL flushed and store checkpointed at %d", engine.wal.durable_seq)
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> int:
+    try:
+        port = int(server.add_insecure_port(listen))
+    except RuntimeError as err:
+        raise ListenError(f"cannot listen on {listen}: {err}") from None
+    if port == 0 and not listen.endswith(":0"):
+        raise ListenError(f"cannot listen on {listen}: address in use or not available")
+    return port
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _checkpoints(
+    engine: Engine, counters: Counters, every_s: float, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+        if stop.is_set():
+            return
+        try:
+            await engine.checkpoint()
+            counters.checkpoints += 1
+        except KevoReplError:
+            log.exception("checkpoint failed; will retry")
+
+
+async def _sweeps(registry: TxRegistry, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), TX_SWEEP_S)
+        for tx_id in registry.sweep():
+            log.info("transaction %s expired and was rolled back", tx_id)
