@@ -35,6 +35,7 @@ class NodeConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _POSITIVE = {"sync_bytes", "sync_interval_ms", "segment_bytes", "checkpoint_interval_ms"}
 
 
@@ -44,7 +45,7 @@ def load_toml(path: str) -> dict[str, Any]:
             raw = tomllib.load(f)
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
@@ -84,6 +85,8 @@ def _validate(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: segment_bytes must be at least 4096")
     if config.wal_retain_bytes < 0 or config.grace_s < 0:
         raise ConfigError(f"{source}: wal_retain_bytes and grace_s must not be negative")
+    if config.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"{source}: log_level must be one of {', '.join(_LOG_LEVELS)}")
     parse_address(config.listen, f"{source}: listen")
 
 

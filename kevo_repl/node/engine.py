@@ -195,7 +195,9 @@ class Engine:
             return
         async with self._apply_lock:
             while self.store.applied_seq() < seq and self._pending:
-                entries, last = self._take_pending()
+                entries, last = self._take_pending(self._applicable_seq())
+                if not entries:
+                    return  # nothing the WAL holds yet; whoever waits for it applies it
                 try:
                     if len(entries) <= INLINE_APPLY_ENTRIES_MAX:
                         # A small transaction takes microseconds: less than a hop to a thread.
@@ -209,10 +211,24 @@ class Engine:
                     )
                     raise
 
-    def _take_pending(self) -> tuple[list[Entry], int]:
+    def _applicable_seq(self) -> int:
+        """The last sequence the store may apply: never ahead of the WAL.
+
+        In immediate mode only what is durable (a power loss cannot leave the store holding a
+        write the WAL lost); otherwise what the OS holds (a process crash cannot).
+        """
+        if self.wal.options.sync_mode is SyncMode.IMMEDIATE:
+            return self.wal.durable_seq
+        return self.wal.flush()
+
+    def _take_pending(self, limit_seq: int) -> tuple[list[Entry], int]:
         entries: list[Entry] = []
         last = 0
-        while self._pending and len(entries) < APPLY_ENTRIES_MAX:
+        while (
+            self._pending
+            and len(entries) < APPLY_ENTRIES_MAX
+            and self._pending[0].last_seq <= limit_seq
+        ):
             unit = self._pending.popleft()
             entries.extend(unit.entries)
             last = unit.last_seq

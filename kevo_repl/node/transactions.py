@@ -51,16 +51,18 @@ class Transaction:
             verb = "write to" if value is not None else "delete in"
             raise TransactionError(f"cannot {verb} read-only transaction {self.id}")
         size = len(key) + (len(value) if value is not None else 0)
+        # A rewrite of a buffered key replaces its bytes; it does not add to them.
+        freed = len(key) + len(self.writes[key] or b"") if key in self.writes else 0
         if key not in self.writes and len(self.writes) >= limits.writes_max:
             raise TransactionLimitError(
                 f"transaction {self.id} exceeds {limits.writes_max} buffered writes"
             )
-        if self.write_bytes + size > limits.write_bytes_max:
+        if self.write_bytes - freed + size > limits.write_bytes_max:
             raise TransactionLimitError(
                 f"transaction {self.id} exceeds {limits.write_bytes_max} buffered bytes"
             )
         self.writes[key] = value
-        self.write_bytes += size
+        self.write_bytes += size - freed
 
 
 class TxRegistry:

@@ -539,6 +539,16 @@ class WAL:
         elif mode is SyncMode.BATCH and self._unsynced_bytes >= self.options.sync_bytes:
             self._wake.set()
 
+    def flush(self) -> int:
+        """Hand buffered bytes to the OS (no fsync); returns the last sequence handed over.
+
+        After this a process crash loses nothing appended so far; a power loss still may.
+        """
+        with self._lock:
+            if not self._closed:
+                self._flush_locked()
+            return self._last_seq
+
     def sync(self) -> int:
         """Make everything appended so far durable; returns the durable sequence number."""
         self.sync_to(self._last_seq)
