@@ -68,7 +68,8 @@ async def _writers(wal: WAL, tasks: int, each: int) -> None:
 
 
 def run_node_demo(directory: str) -> int:
-    """Start a node, write through gRPC, SIGKILL it, restart it: every acknowledged write is back."""
+    """Start a node, write through gRPC, SIGKILL it and restart it: every acknowledged write is
+    back."""
     data = os.path.join(directory, "node")
     port = _free_port()
     addr = f"127.0.0.1:{port}"
