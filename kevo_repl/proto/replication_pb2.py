@@ -29,31 +29,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x16kevo/replication.proto\x12\x10kevo.replication\"\xba\x01\n\x10WALStreamRequest\x12\x16\n\x0estart_sequence\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1d\n\x15\x63ompression_supported\x18\x03 \x01(\x08\x12;\n\x0fpreferred_codec\x18\x04 \x01(\x0e\x32\".kevo.replication.CompressionCodec\x12\x18\n\x10listener_address\x18\x05 \x01(\t\"\x87\x01\n\x11WALStreamResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.kevo.replication.WALEntry\x12\x12\n\ncompressed\x18\x02 \x01(\x08\x12\x31\n\x05\x63odec\x18\x03 \x01(\x0e\x32\".kevo.replication.CompressionCodec\"}\n\x08WALEntry\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x35\n\rfragment_type\x18\x03 \x01(\x0e\x32\x1e.kevo.replication.FragmentType\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"!\n\x03\x41\x63k\x12\x1a\n\x12\x61\x63knowledged_up_to\x18\x01 \x01(\x04\"/\n\x0b\x41\x63kResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x04Nack\x12\x1d\n\x15missing_from_sequence\x18\x01 \x01(\x04\"0\n\x0cNackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t*9\n\x0c\x46ragmentType\x12\x08\n\x04\x46ULL\x10\x00\x12\t\n\x05\x46IRST\x10\x01\x12\n\n\x06MIDDLE\x10\x02\x12\x08\n\x04LAST\x10\x03*2\n\x10\x43ompressionCodec\x12\x08\n\x04NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x12\n\n\x06SNAPPY\x10\x02\x32\x83\x02\n\x15WALReplicationService\x12V\n\tStreamWAL\x12\".kevo.replication.WALStreamRequest\x1a#.kevo.replication.WALStreamResponse0\x01\x12\x43\n\x0b\x41\x63knowledge\x12\x15.kevo.replication.Ack\x1a\x1d.kevo.replication.AckResponse\x12M\n\x13NegativeAcknowledge\x12\x16.kevo.replication.Nack\x1a\x1e.kevo.replication.NackResponseb\x06proto3')
+DESCRIPTOR = _pool.POOL.AddSerializedFile(b'\n\x16kevo/replication.proto\x12\x10kevo.replication\"\xb0\x02\n\x10WALStreamRequest\x12\x16\n\x0estart_sequence\x18\x01 \x01(\x04\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x1d\n\x15\x63ompression_supported\x18\x03 \x01(\x08\x12;\n\x0fpreferred_codec\x18\x04 \x01(\x0e\x32\".kevo.replication.CompressionCodec\x12\x18\n\x10listener_address\x18\x05 \x01(\t\x12\x0e\n\x06\x66rames\x18\x10 \x01(\x08\x12;\n\x0f\x61\x63\x63\x65pted_codecs\x18\x11 \x03(\x0e\x32\".kevo.replication.CompressionCodec\x12\x0f\n\x07node_id\x18\x12 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x13 \x01(\t\"\x8f\x02\n\x11WALStreamResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.kevo.replication.WALEntry\x12\x12\n\ncompressed\x18\x02 \x01(\x08\x12\x31\n\x05\x63odec\x18\x03 \x01(\x0e\x32\".kevo.replication.CompressionCodec\x12&\n\x05\x66rame\x18\x10 \x01(\x0b\x32\x17.kevo.replication.Frame\x12 \n\x18primary_durable_sequence\x18\x11 \x01(\x04\x12\x1c\n\x14primary_time_unix_ms\x18\x12 \x01(\x03\x12\x1e\n\x16primary_client_address\x18\x13 \x01(\t\"\x9d\x01\n\x05\x46rame\x12\x16\n\x0e\x66irst_sequence\x18\x01 \x01(\x04\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\x31\n\x05\x63odec\x18\x03 \x01(\x0e\x32\".kevo.replication.CompressionCodec\x12\x12\n\nraw_length\x18\x04 \x01(\r\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"}\n\x08WALEntry\x12\x17\n\x0fsequence_number\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x35\n\rfragment_type\x18\x03 \x01(\x0e\x32\x1e.kevo.replication.FragmentType\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\"\x81\x01\n\x03\x41\x63k\x12\x1a\n\x12\x61\x63knowledged_up_to\x18\x01 \x01(\x04\x12\x19\n\x11received_sequence\x18\x10 \x01(\x04\x12\x18\n\x10\x66lushed_sequence\x18\x11 \x01(\x04\x12\x18\n\x10\x61pplied_sequence\x18\x12 \x01(\x04\x12\x0f\n\x07node_id\x18\x13 \x01(\t\"/\n\x0b\x41\x63kResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x04Nack\x12\x1d\n\x15missing_from_sequence\x18\x01 \x01(\x04\"0\n\x0cNackResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1a\n\x18ReplicationStatusRequest\"\xea\x01\n\rReplicaStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x15\n\rsent_sequence\x18\x04 \x01(\x04\x12\x19\n\x11received_sequence\x18\x05 \x01(\x04\x12\x18\n\x10\x66lushed_sequence\x18\x06 \x01(\x04\x12\x18\n\x10\x61pplied_sequence\x18\x07 \x01(\x04\x12\x13\n\x0blag_entries\x18\x08 \x01(\x04\x12\x13\n\x0blag_seconds\x18\t \x01(\x01\x12\x11\n\tconnected\x18\n \x01(\x08\"\xa7\x02\n\x11ReplicationStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rlast_sequence\x18\x02 \x01(\x04\x12\x18\n\x10\x64urable_sequence\x18\x03 \x01(\x04\x12\x18\n\x10\x61pplied_sequence\x18\x04 \x01(\x04\x12\x31\n\x08replicas\x18\x05 \x03(\x0b\x32\x1f.kevo.replication.ReplicaStatus\x12\x17\n\x0fprimary_address\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12 \n\x18primary_durable_sequence\x18\x08 \x01(\x04\x12\x13\n\x0blag_entries\x18\t \x01(\x04\x12\x13\n\x0blag_seconds\x18\n \x01(\x01\x12\x12\n\nlast_error\x18\x0b \x01(\t*9\n\x0c\x46ragmentType\x12\x08\n\x04\x46ULL\x10\x00\x12\t\n\x05\x46IRST\x10\x01\x12\n\n\x06MIDDLE\x10\x02\x12\x08\n\x04LAST\x10\x03*2\n\x10\x43ompressionCodec\x12\x08\n\x04NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01\x12\n\n\x06SNAPPY\x10\x02\x32\xec\x02\n\x15WALReplicationService\x12V\n\tStreamWAL\x12\".kevo.replication.WALStreamRequest\x1a#.kevo.replication.WALStreamResponse0\x01\x12\x43\n\x0b\x41\x63knowledge\x12\x15.kevo.replication.Ack\x1a\x1d.kevo.replication.AckResponse\x12M\n\x13NegativeAcknowledge\x12\x16.kevo.replication.Nack\x1a\x1e.kevo.replication.NackResponse\x12g\n\x14GetReplicationStatus\x12*.kevo.replication.ReplicationStatusRequest\x1a#.kevo.replication.ReplicationStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _pool.build_top_descriptors_and_messages(DESCRIPTOR, 'kevo_repl.proto.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAGMENTTYPE']._serialized_start=671
-  _globals['_FRAGMENTTYPE']._serialized_end=728
-  _globals['_COMPRESSIONCODEC']._serialized_start=730
-  _globals['_COMPRESSIONCODEC']._serialized_end=780
+  _globals['_FRAGMENTTYPE']._serialized_start=1745
+  _globals['_FRAGMENTTYPE']._serialized_end=1802
+  _globals['_COMPRESSIONCODEC']._serialized_start=1804
+  _globals['_COMPRESSIONCODEC']._serialized_end=1854
   _globals['_WALSTREAMREQUEST']._serialized_start=45
-  _globals['_WALSTREAMREQUEST']._serialized_end=231
-  _globals['_WALSTREAMRESPONSE']._serialized_start=234
-  _globals['_WALSTREAMRESPONSE']._serialized_end=369
-  _globals['_WALENTRY']._serialized_start=371
-  _globals['_WALENTRY']._serialized_end=496
-  _globals['_ACK']._serialized_start=498
-  _globals['_ACK']._serialized_end=531
-  _globals['_ACKRESPONSE']._serialized_start=533
-  _globals['_ACKRESPONSE']._serialized_end=580
-  _globals['_NACK']._serialized_start=582
-  _globals['_NACK']._serialized_end=619
-  _globals['_NACKRESPONSE']._serialized_start=621
-  _globals['_NACKRESPONSE']._serialized_end=669
-  _globals['_WALREPLICATIONSERVICE']._serialized_start=783
-  _globals['_WALREPLICATIONSERVICE']._serialized_end=1042
+  _globals['_WALSTREAMREQUEST']._serialized_end=349
+  _globals['_WALSTREAMRESPONSE']._serialized_start=352
+  _globals['_WALSTREAMRESPONSE']._serialized_end=623
+  _globals['_FRAME']._serialized_start=626
+  _globals['_FRAME']._serialized_end=783
+  _globals['_WALENTRY']._serialized_start=785
+  _globals['_WALENTRY']._serialized_end=910
+  _globals['_ACK']._serialized_start=913
+  _globals['_ACK']._serialized_end=1042
+  _globals['_ACKRESPONSE']._serialized_start=1044
+  _globals['_ACKRESPONSE']._serialized_end=1091
+  _globals['_NACK']._serialized_start=1093
+  _globals['_NACK']._serialized_end=1130
+  _globals['_NACKRESPONSE']._serialized_start=1132
+  _globals['_NACKRESPONSE']._serialized_end=1180
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=1182
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=1208
+  _globals['_REPLICASTATUS']._serialized_start=1211
+  _globals['_REPLICASTATUS']._serialized_end=1445
+  _globals['_REPLICATIONSTATUS']._serialized_start=1448
+  _globals['_REPLICATIONSTATUS']._serialized_end=1743
+  _globals['_WALREPLICATIONSERVICE']._serialized_start=1857
+  _globals['_WALREPLICATIONSERVICE']._serialized_end=2221
 # @@protoc_insertion_point(module_scope)

@@ -32,28 +32,60 @@ ZSTD: CompressionCodec
 SNAPPY: CompressionCodec
 
 class WALStreamRequest(_message.Message):
-    __slots__ = ("start_sequence", "protocol_version", "compression_supported", "preferred_codec", "listener_address")
+    __slots__ = ("start_sequence", "protocol_version", "compression_supported", "preferred_codec", "listener_address", "frames", "accepted_codecs", "node_id", "client_address")
     START_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_CODEC_FIELD_NUMBER: _ClassVar[int]
     LISTENER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_CODECS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     start_sequence: int
     protocol_version: int
     compression_supported: bool
     preferred_codec: CompressionCodec
     listener_address: str
-    def __init__(self, start_sequence: _Optional[int] = ..., protocol_version: _Optional[int] = ..., compression_supported: _Optional[bool] = ..., preferred_codec: _Optional[_Union[CompressionCodec, str]] = ..., listener_address: _Optional[str] = ...) -> None: ...
+    frames: bool
+    accepted_codecs: _containers.RepeatedScalarFieldContainer[CompressionCodec]
+    node_id: str
+    client_address: str
+    def __init__(self, start_sequence: _Optional[int] = ..., protocol_version: _Optional[int] = ..., compression_supported: _Optional[bool] = ..., preferred_codec: _Optional[_Union[CompressionCodec, str]] = ..., listener_address: _Optional[str] = ..., frames: _Optional[bool] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., node_id: _Optional[str] = ..., client_address: _Optional[str] = ...) -> None: ...
 
 class WALStreamResponse(_message.Message):
-    __slots__ = ("entries", "compressed", "codec")
+    __slots__ = ("entries", "compressed", "codec", "frame", "primary_durable_sequence", "primary_time_unix_ms", "primary_client_address")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[WALEntry]
     compressed: bool
     codec: CompressionCodec
-    def __init__(self, entries: _Optional[_Iterable[_Union[WALEntry, _Mapping]]] = ..., compressed: _Optional[bool] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ...) -> None: ...
+    frame: Frame
+    primary_durable_sequence: int
+    primary_time_unix_ms: int
+    primary_client_address: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[WALEntry, _Mapping]]] = ..., compressed: _Optional[bool] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., primary_durable_sequence: _Optional[int] = ..., primary_time_unix_ms: _Optional[int] = ..., primary_client_address: _Optional[str] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("first_sequence", "last_sequence", "codec", "raw_length", "crc32", "payload")
+    FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RAW_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    first_sequence: int
+    last_sequence: int
+    codec: CompressionCodec
+    raw_length: int
+    crc32: int
+    payload: bytes
+    def __init__(self, first_sequence: _Optional[int] = ..., last_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class WALEntry(_message.Message):
     __slots__ = ("sequence_number", "payload", "fragment_type", "checksum")
@@ -68,10 +100,18 @@ class WALEntry(_message.Message):
     def __init__(self, sequence_number: _Optional[int] = ..., payload: _Optional[bytes] = ..., fragment_type: _Optional[_Union[FragmentType, str]] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acknowledged_up_to",)
+    __slots__ = ("acknowledged_up_to", "received_sequence", "flushed_sequence", "applied_sequence", "node_id")
     ACKNOWLEDGED_UP_TO_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     acknowledged_up_to: int
-    def __init__(self, acknowledged_up_to: _Optional[int] = ...) -> None: ...
+    received_sequence: int
+    flushed_sequence: int
+    applied_sequence: int
+    node_id: str
+    def __init__(self, acknowledged_up_to: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ("success", "message")
@@ -94,3 +134,57 @@ class NackResponse(_message.Message):
     success: bool
     message: str
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReplicationStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("node_id", "client_address", "state", "sent_sequence", "received_sequence", "flushed_sequence", "applied_sequence", "lag_entries", "lag_seconds", "connected")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SENT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FLUSHED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    client_address: str
+    state: str
+    sent_sequence: int
+    received_sequence: int
+    flushed_sequence: int
+    applied_sequence: int
+    lag_entries: int
+    lag_seconds: float
+    connected: bool
+    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., state: _Optional[str] = ..., sent_sequence: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., connected: _Optional[bool] = ...) -> None: ...
+
+class ReplicationStatus(_message.Message):
+    __slots__ = ("role", "last_sequence", "durable_sequence", "applied_sequence", "replicas", "primary_address", "state", "primary_durable_sequence", "lag_entries", "lag_seconds", "last_error")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    last_sequence: int
+    durable_sequence: int
+    applied_sequence: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    primary_address: str
+    state: str
+    primary_durable_sequence: int
+    lag_entries: int
+    lag_seconds: float
+    last_error: str
+    def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class WALReplicationServiceStub:
                 request_serializer=kevo_dot_replication__pb2.Nack.SerializeToString,
                 response_deserializer=kevo_dot_replication__pb2.NackResponse.FromString,
                 _registered_method=True)
+        self.GetReplicationStatus = channel.unary_unary(
+                '/kevo.replication.WALReplicationService/GetReplicationStatus',
+                request_serializer=kevo_dot_replication__pb2.ReplicationStatusRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.ReplicationStatus.FromString,
+                _registered_method=True)
 
 
 class WALReplicationServiceServicer:
@@ -83,6 +88,14 @@ class WALReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReplicationStatus(self, request, context):
+        """kevo-repl extension: the node's replication status (role, positions and,
+        on a primary, every replica's positions and lag). Used by `kevo-repl status`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WALReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +113,11 @@ def add_WALReplicationServiceServicer_to_server(servicer, server):
                     servicer.NegativeAcknowledge,
                     request_deserializer=kevo_dot_replication__pb2.Nack.FromString,
                     response_serializer=kevo_dot_replication__pb2.NackResponse.SerializeToString,
+            ),
+            'GetReplicationStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplicationStatus,
+                    request_deserializer=kevo_dot_replication__pb2.ReplicationStatusRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.ReplicationStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +202,33 @@ class WALReplicationService:
             '/kevo.replication.WALReplicationService/NegativeAcknowledge',
             kevo_dot_replication__pb2.Nack.SerializeToString,
             kevo_dot_replication__pb2.NackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReplicationStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/GetReplicationStatus',
+            kevo_dot_replication__pb2.ReplicationStatusRequest.SerializeToString,
+            kevo_dot_replication__pb2.ReplicationStatus.FromString,
             options,
             channel_credentials,
             insecure,
