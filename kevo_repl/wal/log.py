@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kevo_repl import fsutil
@@ -41,6 +41,7 @@ from kevo_repl.errors import (
 from kevo_repl.wal.codec import (
     MAX_SEQ,
     MAX_UNIT_BYTES,
+    BatchForm,
     Entry,
     Op,
     Unit,
@@ -132,6 +133,7 @@ class WAL:
         self._fd = -1  # active segment's write descriptor
         self._retired_fds: list[int] = []  # old active fds a sync leader may still be using
         self._leader_fd = -1  # the fd the running sync leader is fsyncing, if any
+        self._sync_listeners: tuple[Callable[[int], None], ...] = ()
         self._buf = bytearray()
         self._written = 0  # bytes of the active segment handed to write(2)
         self._next_seq = 1
@@ -382,6 +384,41 @@ class WAL:
         """Append an atomic batch without waiting for any sync; returns its first sequence."""
         return self._append_batch(ops)
 
+    def append_units(self, units: Sequence[Unit]) -> int:
+        """Append units that already carry their sequence numbers (a replica copying its primary).
+
+        The first must continue this log exactly (`next_seq`) and each the one before it: a gap
+        or an overlap is refused, so a replica's WAL holds the primary's numbering unchanged.
+        Returns the last sequence number appended; durability follows the sync mode as usual.
+        """
+        last = self._append_units(units)
+        self._after_append(last, None)
+        return last
+
+    def _append_units(self, units: Sequence[Unit]) -> int:
+        with self._lock:
+            self._check_writable()
+            for unit in units:
+                if unit.first_seq != self._next_seq:
+                    raise InvalidArgumentError(
+                        f"unit starting at sequence {unit.first_seq} does not continue the WAL "
+                        f"(next is {self._next_seq})"
+                    )
+                data = _encode_unit(unit)
+                self._write_unit_locked(data, unit.first_seq)
+                self._next_seq = unit.last_seq + 1
+                self._last_seq = unit.last_seq
+            return self._last_seq
+
+    def add_sync_listener(self, listener: Callable[[int], None]) -> None:
+        """Call `listener(durable_seq)` after every fsync round, on the thread that synced.
+
+        Lighter than an observer: nothing is queued per append. The listener must be quick and
+        must not block (hand the news to an event loop with call_soon_threadsafe).
+        """
+        with self._lock:
+            self._sync_listeners = (*self._sync_listeners, listener)
+
     def _append_entry(self, op: Op, key: bytes, value: bytes) -> int:
         # The hot path of every write: kept flat on purpose (no helper calls in the common case).
         if op not in _VALID_OPS:
@@ -581,8 +618,11 @@ class WAL:
                 retired, self._retired_fds = self._retired_fds, []
                 if self._hub.observers:
                     self._hub.publish("sync", self._durable_seq)
+                durable = self._durable_seq
             for old in retired:
                 os.close(old)
+            for listener in self._sync_listeners:
+                listener(durable)
 
     def _active_first(self) -> int:
         return self._segments[-1].first_seq if self._segments else self._next_seq
@@ -827,6 +867,13 @@ class WAL:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encode_unit(unit: Unit) -> bytes:
+    if unit.form == BatchForm.SINGLE:
+        (e,) = unit.entries
+        return encode_entry(e.seq, e.op, e.key, e.value)
+    return encode_batch(unit.first_seq, [(e.op, e.key, e.value) for e in unit.entries])
 
 
 def _settle(waiters: list[_AsyncWaiter], durable: int, error: BaseException | None) -> None:

@@ -1,0 +1,62 @@
+"""WAL APIs for replication: copying units with their sequence numbers, and sync listeners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kevo_repl.errors import InvalidArgumentError
+from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
+
+
+def _source(path: Path) -> WAL:
+    wal = WAL.open(str(path), WalOptions(sync_mode=SyncMode.NONE, segment_bytes_max=4096))
+    for i in range(30):
+        wal.append(Op.PUT, b"k%d" % i, b"v" * (i * 3))
+    wal.append_batch([(Op.PUT, b"b1", b"x"), (Op.DELETE, b"b2", b""), (Op.MERGE, b"b3", b"m")])
+    wal.append(Op.PUT, b"big", b"z" * 70_000)  # fragmented
+    return wal
+
+
+def test_append_units_copies_a_log_byte_for_byte(tmp_path: Path) -> None:
+    src = _source(tmp_path / "src")
+    units = list(src.units_from(1))
+    with WAL.open(str(tmp_path / "dst"), WalOptions(segment_bytes_max=4096)) as dst:
+        assert dst.append_units(units[:10]) == units[9].last_seq
+        assert dst.append_units(units[10:]) == src.last_seq
+        assert dst.durable_seq == src.last_seq  # immediate mode: durable on return
+        copied = list(dst.entries_from(1))
+    assert copied == list(src.entries_from(1))
+    batch = next(u for u in units if u.is_batch)
+    with WAL.open(str(tmp_path / "dst")) as dst:
+        again = [u for u in dst.units_from(batch.first_seq) if u.first_seq == batch.first_seq]
+        assert again[0].is_batch and again[0].entries == batch.entries  # still one atomic unit
+        assert dst.next_seq == src.next_seq
+    src.close()
+
+
+def test_append_units_refuses_gaps_and_overlaps(tmp_path: Path) -> None:
+    src = _source(tmp_path / "src")
+    units = list(src.units_from(1))
+    src.close()
+    with WAL.open(str(tmp_path / "dst")) as dst:
+        with pytest.raises(InvalidArgumentError, match="does not continue the WAL"):
+            dst.append_units([units[1]])  # a gap: 2 before 1
+        dst.append_units(units[:3])
+        with pytest.raises(InvalidArgumentError, match=r"next is 4"):
+            dst.append_units([units[2]])  # an overlap
+        assert dst.last_seq == 3
+
+
+def test_sync_listener_hears_every_round(tmp_path: Path) -> None:
+    heard: list[int] = []
+    with WAL.open(str(tmp_path), WalOptions(sync_mode=SyncMode.NONE)) as wal:
+        wal.add_sync_listener(heard.append)
+        wal.append(Op.PUT, b"a", b"1")
+        wal.append(Op.PUT, b"b", b"2")
+        assert heard == []  # mode none: no fsync yet, nothing heard
+        wal.sync()
+        assert heard == [2]
+        wal.append(Op.PUT, b"c", b"3", sync=True)
+        assert heard == [2, 3]
