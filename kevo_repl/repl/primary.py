@@ -1,0 +1,316 @@
+"""The primary's side of replication: kevo.replication.WALReplicationService over the node's WAL.
+
+A stream ships only what the WAL made durable. It reads units straight from the WAL
+(`units_from`) on a worker thread, one bounded frame at a time, so a slow or stalled replica
+costs the primary at most one frame of memory and never blocks a writer: gRPC flow control holds
+the stream, and the WAL segments on disk are the backlog. When caught up, the stream waits for
+the WAL's sync listener (no polling) or, after `heartbeat_s` of quiet, sends a heartbeat that
+carries the primary's durable position and clock, so the replica can tell lag and a dead link.
+
+Our replicas ask for frames: whole units in the WAL's record format, compressed as one. A client
+that speaks Kevo's own protocol (no `frames` flag) gets what a Kevo primary sends: per-entry
+payloads, uncompressed, with strictly consecutive sequence numbers, and the `session-id` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from kevo_repl.errors import SequenceCompactedError
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.frames import Codec, Frame, encode_frame
+from kevo_repl.wal import WAL, Unit
+from kevo_repl.wal.codec import entry_payload
+
+log = logging.getLogger(__name__)
+
+KEVO_ENTRIES_PER_RESPONSE = 100  # what a Kevo primary sends at most
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    frame_bytes_max: int = 256 * 1024
+    frame_entries_max: int = 20_000
+    linger_s: float = 0.002  # only while frames follow each other closely
+    heartbeat_s: float = 1.0
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    node_id: str
+    client_address: str
+    peer: str
+    codec: Codec
+    frames: bool
+    started: float
+    sent_seq: int = 0
+    received_seq: int = 0
+    flushed_seq: int = 0
+    applied_seq: int = 0
+    last_ack: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    rewind_to: int = 0  # a Kevo client's Nack: resend from here
+
+
+class Sessions:
+    """The primary's connected replicas. Woken from the WAL's sync thread, thread-safely."""
+
+    def __init__(self, wal: WAL) -> None:
+        self._wal = wal
+        self._by_id: dict[str, Session] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._wal.add_sync_listener(self._on_synced)
+
+    def _on_synced(self, durable_seq: int) -> None:
+        loop = self._loop
+        if loop is not None and self._by_id:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(self.wake_all)
+
+    def wake_all(self) -> None:
+        for session in self._by_id.values():
+            session.wake.set()
+
+    def open(self, request: rpb.WALStreamRequest, peer: str, codec: Codec) -> Session:
+        session = Session(
+            id=f"replica-{time.time_ns()}-{next(self._ids)}",
+            node_id=request.node_id,
+            client_address=request.client_address or request.listener_address,
+            peer=peer,
+            codec=codec,
+            frames=request.frames,
+            started=time.time(),
+        )
+        self._by_id[session.id] = session
+        return session
+
+    def close(self, session: Session) -> None:
+        self._by_id.pop(session.id, None)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def all(self) -> list[Session]:
+        return list(self._by_id.values())
+
+
+def choose_codec(request: rpb.WALStreamRequest) -> Codec:
+    """The first codec the replica accepts that we speak; Kevo's flags as a fallback."""
+    known = {int(c) for c in Codec}
+    for wire in request.accepted_codecs:
+        if int(wire) in known:
+            return Codec(int(wire))
+    preferred = int(request.preferred_codec)
+    if request.compression_supported and preferred in (Codec.ZSTD, Codec.SNAPPY):
+        return Codec(preferred)
+    return Codec.NONE
+
+
+def wire_codec(codec: Codec) -> str:
+    """The proto enum value for `codec` (message constructors take enum names)."""
+    return codec.name
+
+
+class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
+    def __init__(
+        self, wal: WAL, sessions: Sessions, client_address: str, limits: StreamLimits
+    ) -> None:
+        self.wal = wal
+        self.sessions = sessions
+        self.client_address = client_address
+        self.limits = limits
+
+    async def StreamWAL(
+        self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.WALStreamResponse]:
+        start = max(request.start_sequence, 1)
+        await self._check_start(start, context)
+        codec = choose_codec(request) if request.frames else Codec.NONE
+        session = self.sessions.open(request, context.peer(), codec)
+        log.info("replica %s (%s) streaming from %d", session.node_id or "?", session.peer, start)
+        try:
+            await context.send_initial_metadata((("session-id", session.id),))
+            async for response in self._stream(session, start, context):
+                yield response
+        finally:
+            self.sessions.close(session)
+            log.info("replica %s (%s) stream ended", session.node_id or "?", session.peer)
+
+    async def _check_start(self, start: int, context: grpc.aio.ServicerContext) -> None:
+        durable = self.wal.durable_seq
+        if start > durable + 1:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"asked for sequence {start} but this primary's log ends at {durable}: "
+                "the replica has entries this primary never had",
+            )
+        oldest = self.wal.first_seq
+        if start < oldest and durable >= oldest:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})",
+            )
+
+    async def _stream(
+        self, session: Session, start: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.WALStreamResponse]:
+        next_seq = start
+        last_sent_at = 0.0
+        while True:
+            if session.rewind_to:
+                next_seq, session.rewind_to = session.rewind_to, 0
+            durable = self.wal.durable_seq
+            if next_seq > durable:
+                if not await self._wait_for_more(session, next_seq):
+                    yield self._heartbeat()
+                continue
+            if time.monotonic() - last_sent_at < self.limits.linger_s:
+                await asyncio.sleep(self.limits.linger_s)  # let a burst gather into one frame
+                durable = self.wal.durable_seq
+            try:
+                responses = await asyncio.to_thread(self._read, session, next_seq, durable)
+            except SequenceCompactedError as err:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+            if not responses:  # durable but not yet readable: cannot happen, but never spin
+                await self._wait_for_more(session, durable + 1)
+                continue
+            for response, last in responses:
+                yield response
+                session.sent_seq = last
+                next_seq = last + 1
+            last_sent_at = time.monotonic()
+
+    async def _wait_for_more(self, session: Session, next_seq: int) -> bool:
+        """Wait until the WAL is durable at `next_seq`; False after a quiet heartbeat interval."""
+        session.wake.clear()
+        if self.wal.durable_seq >= next_seq or session.rewind_to:
+            return True
+        try:
+            await asyncio.wait_for(session.wake.wait(), self.limits.heartbeat_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _read(
+        self, session: Session, next_seq: int, durable: int
+    ) -> list[tuple[rpb.WALStreamResponse, int]]:
+        """Up to one frame (or one Kevo response) of units from `next_seq` (worker thread)."""
+        units = _take(self.wal.units_from(next_seq, max_seq=durable), self.limits)
+        if not units:
+            return []
+        if session.frames:
+            frame = encode_frame(units, session.codec)
+            return [(self._frame_response(frame), frame.last_seq)]
+        return self._kevo_responses(units, next_seq)
+
+    def _frame_response(self, frame: Frame) -> rpb.WALStreamResponse:
+        return rpb.WALStreamResponse(
+            frame=rpb.Frame(
+                first_sequence=frame.first_seq,
+                last_sequence=frame.last_seq,
+                codec=wire_codec(frame.codec),
+                raw_length=frame.raw_len,
+                crc32=frame.crc32,
+                payload=frame.payload,
+            ),
+            primary_durable_sequence=self.wal.durable_seq,
+            primary_time_unix_ms=int(time.time() * 1000),
+            primary_client_address=self.client_address,
+        )
+
+    def _kevo_responses(
+        self, units: list[Unit], next_seq: int
+    ) -> list[tuple[rpb.WALStreamResponse, int]]:
+        entries = [e for u in units for e in u.entries if e.seq >= next_seq]
+        out = []
+        for i in range(0, len(entries), KEVO_ENTRIES_PER_RESPONSE):
+            chunk = entries[i : i + KEVO_ENTRIES_PER_RESPONSE]
+            response = rpb.WALStreamResponse(
+                entries=[
+                    rpb.WALEntry(
+                        sequence_number=e.seq, payload=entry_payload(e.seq, e.op, e.key, e.value)
+                    )
+                    for e in chunk
+                ],
+                compressed=False,
+                codec=rpb.NONE,
+            )
+            out.append((response, chunk[-1].seq))
+        return out
+
+    def _heartbeat(self) -> rpb.WALStreamResponse:
+        return rpb.WALStreamResponse(
+            primary_durable_sequence=self.wal.durable_seq,
+            primary_time_unix_ms=int(time.time() * 1000),
+            primary_client_address=self.client_address,
+        )
+
+    async def Acknowledge(
+        self, request: rpb.Ack, context: grpc.aio.ServicerContext
+    ) -> rpb.AckResponse:
+        session = self._session_of(context)
+        if session is None:
+            return rpb.AckResponse(success=False, message="Unknown session")
+        applied = request.applied_sequence or request.acknowledged_up_to
+        session.received_seq = max(session.received_seq, request.received_sequence or applied)
+        session.flushed_seq = max(session.flushed_seq, request.flushed_sequence or applied)
+        session.applied_seq = max(session.applied_seq, applied)
+        session.last_ack = time.time()
+        return rpb.AckResponse(success=True)
+
+    async def NegativeAcknowledge(
+        self, request: rpb.Nack, context: grpc.aio.ServicerContext
+    ) -> rpb.NackResponse:
+        session = self._session_of(context)
+        if session is None:
+            return rpb.NackResponse(success=False, message="Unknown session")
+        if (
+            request.missing_from_sequence < 1
+            or request.missing_from_sequence > session.sent_seq + 1
+        ):
+            return rpb.NackResponse(
+                success=False,
+                message=f"cannot resend from {request.missing_from_sequence}: "
+                f"sent up to {session.sent_seq}",
+            )
+        session.rewind_to = request.missing_from_sequence
+        session.wake.set()
+        return rpb.NackResponse(success=True)
+
+    def _session_of(self, context: grpc.aio.ServicerContext) -> Session | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "session-id":
+                return self.sessions.get(str(value))
+        return None
+
+
+def _take(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
+    """Whole units up to the frame limits (the first unit is always taken, however large)."""
+    taken: list[Unit] = []
+    size = entries = 0
+    try:
+        for unit in units:
+            taken.append(unit)
+            size += unit.length
+            entries += len(unit.entries)
+            if size >= limits.frame_bytes_max or entries >= limits.frame_entries_max:
+                break
+    finally:
+        close = getattr(units, "close", None)
+        if close is not None:
+            close()  # release the segment file the reader holds
+    return taken

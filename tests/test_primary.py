@@ -1,0 +1,181 @@
+"""The primary's WALReplicationService, in process over real gRPC on 127.0.0.1.
+
+Clients here: our frame protocol, and a Kevo-protocol client written from KEVO_COMPAT.md §2.8
+(per-entry payloads, session-id header, inclusive start, consecutive sequence numbers, unary
+Ack/Nack, empty heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.frames import Codec, Frame, decode_frame
+from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits, wire_codec
+from kevo_repl.wal import WAL, Op, RetentionPolicy, SyncMode, WalOptions
+from kevo_repl.wal.codec import decode_entry
+
+LIMITS = StreamLimits(frame_bytes_max=4096, heartbeat_s=0.2)
+
+
+@asynccontextmanager
+async def primary(wal: WAL) -> AsyncIterator[rpb_grpc.WALReplicationServiceStub]:
+    sessions = Sessions(wal)
+    sessions.attach(asyncio.get_running_loop())
+    server = grpc.aio.server()
+    service = ReplicationService(wal, sessions, "127.0.0.1:9", LIMITS)
+    rpb_grpc.add_WALReplicationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    finally:
+        await server.stop(None)
+
+
+def _fill(wal: WAL, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        if i % 10 == 9:
+            wal.append_batch([(Op.PUT, b"b%d-%d" % (i, j), b"x" * 30) for j in range(3)])
+        else:
+            wal.append(Op.PUT, b"k%d" % i, b"v" * (i % 70))
+
+
+def _run(wal_dir: Path, scenario: Callable[[WAL], Awaitable[None]]) -> None:
+    async def main() -> None:
+        wal = WAL.open(str(wal_dir), WalOptions(sync_mode=SyncMode.IMMEDIATE))
+        try:
+            await scenario(wal)
+        finally:
+            wal.close()
+
+    asyncio.run(main())
+
+
+def _frame(response: rpb.WALStreamResponse) -> Frame:
+    f = response.frame
+    return Frame(
+        f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
+    )
+
+
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.SNAPPY, Codec.NONE])
+def test_frames_catch_up_then_live_tail(tmp_path: Path, codec: Codec) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 200)
+        async with primary(wal) as stub:
+            request = rpb.WALStreamRequest(
+                start_sequence=1, frames=True, accepted_codecs=[wire_codec(codec)], node_id="r1"
+            )
+            call = stub.StreamWAL(request)
+            seen: list[int] = []
+            frames = 0
+            async for response in call:
+                if not response.HasField("frame"):
+                    continue  # heartbeat
+                assert response.frame.codec == codec
+                frames += 1
+                units = decode_frame(_frame(response))
+                seen += [e.seq for u in units for e in u.entries]
+                if seen[-1] == wal.last_seq and wal.last_seq < 400:
+                    _fill(wal, 100, start=200)  # the live tail: written after we caught up
+                if seen[-1] >= 400 and seen[-1] == wal.last_seq:
+                    break
+            call.cancel()
+            assert seen == list(range(1, wal.last_seq + 1))  # no gap, no duplicate
+            assert frames > 2  # 4 KiB frames: the catch-up was cut into several
+
+    _run(tmp_path, scenario)
+
+
+def test_kevo_protocol_client(tmp_path: Path) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 150)
+        async with primary(wal) as stub:
+            request = rpb.WALStreamRequest(start_sequence=5, listener_address="127.0.0.1:7")
+            call = stub.StreamWAL(request)
+            session_id = dict(await call.initial_metadata())["session-id"]
+            assert session_id.startswith("replica-")
+            expected = 5
+            async for response in call:
+                assert not response.compressed and response.codec == rpb.NONE
+                assert len(response.entries) <= 100
+                for entry in response.entries:
+                    assert entry.sequence_number == expected  # strictly consecutive
+                    parsed = decode_entry(entry.payload)
+                    assert parsed.seq == expected
+                    expected += 1
+                if expected > wal.last_seq:
+                    break
+            meta = (("session-id", session_id),)
+            ack = await stub.Acknowledge(rpb.Ack(acknowledged_up_to=100), metadata=meta)
+            assert ack.success
+            nack = await stub.NegativeAcknowledge(rpb.Nack(missing_from_sequence=90), metadata=meta)
+            assert nack.success
+            async for response in call:  # the resend starts exactly at 90
+                if response.entries:
+                    assert response.entries[0].sequence_number == 90
+                    break
+            call.cancel()
+            unknown = await stub.Acknowledge(rpb.Ack(acknowledged_up_to=1))
+            assert not unknown.success and unknown.message == "Unknown session"
+
+    _run(tmp_path, scenario)
+
+
+def test_refusals_and_heartbeats(tmp_path: Path) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 20)
+        async with primary(wal) as stub:
+            past = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=500, frames=True))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await past.read()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "log ends at" in (info.value.details() or "")
+            caught_up = stub.StreamWAL(
+                rpb.WALStreamRequest(start_sequence=wal.last_seq + 1, frames=True)
+            )
+            beat = await asyncio.wait_for(caught_up.read(), 5)
+            assert isinstance(beat, rpb.WALStreamResponse)
+            assert not beat.HasField("frame")
+            assert beat.primary_durable_sequence == wal.last_seq
+            assert beat.primary_client_address == "127.0.0.1:9"
+            caught_up.cancel()
+
+    _run(tmp_path, scenario)
+
+
+def test_compacted_start_is_out_of_range(tmp_path: Path) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 20)
+        async with primary(wal) as stub:
+            ok = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            first = await ok.read()
+            assert isinstance(first, rpb.WALStreamResponse) and first.frame.first_sequence == 1
+            ok.cancel()
+
+    _run(tmp_path, scenario)
+    wal = WAL.open(str(tmp_path), WalOptions(segment_bytes_max=4096))
+    _fill(wal, 300, start=20)
+    wal.apply_retention(RetentionPolicy(min_seq_keep=200))
+    oldest = wal.first_seq
+    wal.close()
+    assert oldest > 1
+
+    async def compacted(wal: WAL) -> None:
+        async with primary(wal) as stub:
+            call = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert f"oldest is {oldest}" in (info.value.details() or "")
+
+    _run(tmp_path, compacted)
