@@ -40,7 +40,32 @@ KEVO_VERSION = "1.4.2"  # what Kevo's GetNodeInfo reports; ours goes in the log 
 R = TypeVar("R")
 
 
+class ReadOnlyReplicaError(KevoReplError):
+    """A write sent to a replica; the message names the primary the way the SDK parses it."""
+
+
+@dataclass(slots=True)
+class Role:
+    """What this node is, as GetNodeInfo reports it. A replica's driver keeps it current."""
+
+    name: str = "standalone"  # standalone | primary | replica
+    client_address: str = ""  # this node's KevoService address
+    primary_client_address: str = ""  # on a replica: where writes go
+    replicas: Callable[[], list[pb.ReplicaInfo]] = field(default=lambda: [])
+    last_sequence: Callable[[], int] | None = None
+
+    def check_writable(self) -> None:
+        if self.name != "replica":
+            return
+        # python-kevo matches "replica" and r"primary node at (\S+)" to redirect the write,
+        # so the address ends the message.
+        where = self.primary_client_address or "(unknown: not connected yet)"
+        raise ReadOnlyReplicaError(f"this node is a read-only replica; primary node at {where}")
+
+
 def _status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, ReadOnlyReplicaError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     if isinstance(err, InvalidArgumentError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(err)
     if isinstance(err, TransactionError):
@@ -144,10 +169,13 @@ def prefix_end(prefix: bytes) -> bytes | None:
 
 
 class KevoService(pb_grpc.KevoServiceServicer):
-    def __init__(self, engine: Engine, registry: TxRegistry, counters: Counters) -> None:
+    def __init__(
+        self, engine: Engine, registry: TxRegistry, counters: Counters, role: Role | None = None
+    ) -> None:
         self.engine = engine
         self.registry = registry
         self.counters = counters
+        self.role = role or Role()
 
     # ------------------------------------------------------------------ single keys
 
@@ -165,6 +193,7 @@ class KevoService(pb_grpc.KevoServiceServicer):
     async def Put(
         self, request: pb.PutRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
+        self.role.check_writable()
         await self.engine.put(request.key, request.value, request.sync)
         self.counters.bytes_written += len(request.key) + len(request.value)
         return pb.PutResponse(success=True)
@@ -173,6 +202,7 @@ class KevoService(pb_grpc.KevoServiceServicer):
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
+        self.role.check_writable()
         await self.engine.delete(request.key, request.sync)
         return pb.DeleteResponse(success=True)
 
@@ -180,6 +210,7 @@ class KevoService(pb_grpc.KevoServiceServicer):
     async def BatchWrite(
         self, request: pb.BatchWriteRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchWriteResponse:
+        self.role.check_writable()
         ops: list[WriteOp] = []
         for i, op in enumerate(request.operations):
             if op.type == pb.Operation.PUT:
@@ -232,6 +263,8 @@ class KevoService(pb_grpc.KevoServiceServicer):
     async def BeginTransaction(
         self, request: pb.BeginTransactionRequest, context: grpc.aio.ServicerContext
     ) -> pb.BeginTransactionResponse:
+        if not request.read_only:
+            self.role.check_writable()
         tx = self.registry.begin(request.read_only)
         return pb.BeginTransactionResponse(transaction_id=tx.id)
 
@@ -345,13 +378,30 @@ class KevoService(pb_grpc.KevoServiceServicer):
     async def GetNodeInfo(
         self, request: pb.GetNodeInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetNodeInfoResponse:
+        role = self.role
+        last = role.last_sequence() if role.last_sequence else self.engine.store.applied_seq()
         return pb.GetNodeInfoResponse(
-            node_role=pb.GetNodeInfoResponse.STANDALONE,
-            primary_address="",
-            last_sequence=self.engine.store.applied_seq(),
-            read_only=False,
+            node_role=_NODE_ROLES[role.name],
+            # Client-API (KevoService) addresses, never replication ports: the SDK dials them.
+            primary_address=_primary_address(role),
+            replicas=role.replicas(),
+            last_sequence=last,
+            read_only=role.name == "replica",
             version=f"{KEVO_VERSION} (kevo-repl {__version__})",
         )
+
+
+_NODE_ROLES = {
+    "standalone": pb.GetNodeInfoResponse.STANDALONE,
+    "primary": pb.GetNodeInfoResponse.PRIMARY,
+    "replica": pb.GetNodeInfoResponse.REPLICA,
+}
+
+
+def _primary_address(role: Role) -> str:
+    if role.name == "replica":
+        return role.primary_client_address
+    return role.client_address if role.name == "primary" else ""
 
 
 def _overlay(
