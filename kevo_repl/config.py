@@ -27,6 +27,9 @@ class NodeConfig:
     checkpoint_interval_ms: int = 5000
     store_sync: bool = False  # fsync the store on every transaction instead of at checkpoints
     grace_s: float = 5.0  # how long in-flight RPCs may finish at shutdown
+    role: str = "standalone"  # standalone | primary | replica
+    primary: str = ""  # replica: the primary's HOST:PORT (its node port)
+    advertise: str = ""  # the KevoService address clients should use (default: listen)
     log_level: str = "info"
 
     @property
@@ -88,6 +91,16 @@ def _validate(config: NodeConfig, source: str) -> None:
     if config.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(_LOG_LEVELS)}")
     parse_address(config.listen, f"{source}: listen")
+    if config.role not in ("standalone", "primary", "replica"):
+        raise ConfigError(f"{source}: role must be standalone, primary or replica")
+    if config.role == "replica":
+        if not config.primary:
+            raise ConfigError(f"{source}: a replica needs primary = HOST:PORT (--primary)")
+        parse_address(config.primary, f"{source}: primary")
+    elif config.primary:
+        raise ConfigError(f"{source}: primary is only for role replica")
+    if config.advertise:
+        parse_address(config.advertise, f"{source}: advertise")
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:

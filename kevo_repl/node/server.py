@@ -12,18 +12,23 @@ import logging
 import os
 import signal
 import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kevo_repl import __version__
+from kevo_repl import __version__, fsutil
 from kevo_repl.config import NodeConfig
 from kevo_repl.errors import KevoReplError
 from kevo_repl.node.engine import Engine, WalOpener
-from kevo_repl.node.service import Counters, KevoService
+from kevo_repl.node.service import Counters, KevoService, Role
 from kevo_repl.node.transactions import TxRegistry
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
+from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits
+from kevo_repl.repl.replica import ReplicaDriver
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
 from kevo_repl.wal import RetentionPolicy, WalOptions
 
@@ -67,14 +72,56 @@ def open_engine(config: NodeConfig) -> Engine:
         raise
 
 
+def node_id(data_dir: str) -> str:
+    """This node's durable identity, created on first start (replicas send it to primaries)."""
+    path = os.path.join(data_dir, "NODE_ID")
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        ident = uuid.uuid4().hex
+        fsutil.atomic_write(path, ident.encode() + b"\n")
+        return ident
+
+
+def _roles(
+    config: NodeConfig, engine: Engine, server: grpc.aio.Server, advertise: str
+) -> tuple[Role, ReplicaDriver | None]:
+    if config.role == "primary":
+        sessions = Sessions(engine.wal)
+        sessions.attach(asyncio.get_running_loop())
+        service = ReplicationService(engine.wal, sessions, advertise, StreamLimits())
+        rpb_grpc.add_WALReplicationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+
+        def replicas() -> list[pb.ReplicaInfo]:
+            return [
+                pb.ReplicaInfo(
+                    address=s.client_address, last_sequence=s.applied_seq, available=True
+                )
+                for s in sessions.all()
+                if s.client_address
+            ]
+
+        return Role(
+            "primary", advertise, replicas=replicas, last_sequence=lambda: engine.wal.durable_seq
+        ), None
+    if config.role == "replica":
+        role = Role("replica", advertise)
+        driver = ReplicaDriver(engine, config.primary, node_id(config.data_dir), advertise, role)
+        return role, driver
+    return Role("standalone", advertise), None
+
+
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT arrives)."""
     stop = stop or asyncio.Event()
+    os.makedirs(config.data_dir, exist_ok=True)
     engine = open_engine(config)
     counters = Counters()
     registry = TxRegistry(time.monotonic)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    servicer = KevoService(engine, registry, counters)
+    role, driver = _roles(config, engine, server, config.advertise or config.listen)
+    servicer = KevoService(engine, registry, counters, role)
     add_kevo = service_pb2_grpc.add_KevoServiceServicer_to_server
     add_kevo(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
@@ -90,10 +137,13 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
             "kevo-repl %s listening on %s:%d (data %s)", __version__, host, port, config.data_dir
         )
         _install_signals(stop)
-        background = asyncio.gather(
+        tasks = [
             _checkpoints(engine, counters, config.checkpoint_interval_ms / 1000, stop),
             _sweeps(registry, stop),
-        )
+        ]
+        if driver is not None:
+            tasks.append(_replicate(driver, stop))
+        background = asyncio.gather(*tasks)
         await stop.wait()
         log.info("stopping: letting in-flight requests finish for up to %.1fs", config.grace_s)
         for name in ("", KEVO_SERVICE):
@@ -135,6 +185,15 @@ async def _checkpoints(
             counters.checkpoints += 1
         except KevoReplError:
             log.exception("checkpoint failed; will retry")
+
+
+async def _replicate(driver: ReplicaDriver, stop: asyncio.Event) -> None:
+    try:
+        await driver.run(stop)
+    except BaseException:
+        log.exception("replication stopped on a fatal error; stopping the node")
+        stop.set()
+        raise
 
 
 async def _sweeps(registry: TxRegistry, stop: asyncio.Event) -> None:

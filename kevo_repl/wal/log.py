@@ -395,6 +395,10 @@ class WAL:
         self._after_append(last, None)
         return last
 
+    def append_units_nowait(self, units: Sequence[Unit]) -> int:
+        """`append_units` without any sync: the caller fsyncs (`sync_to`) when it decides."""
+        return self._append_units(units)
+
     def _append_units(self, units: Sequence[Unit]) -> int:
         with self._lock:
             self._check_writable()

@@ -1,0 +1,265 @@
+"""The replica's driver: the thin asyncio shell around `ReplicaCore` that does the I/O.
+
+The core decides; this module only carries out its actions, in order: open the stream
+(`Connect`), write units to the replica's own WAL with the primary's sequence numbers
+(`WriteUnits`), fsync it (`Fsync`), apply to the store with the applied position in the same
+transaction (`Apply`), acknowledge with all three rungs of the ladder (`SendAck`), back off
+(`Sleep`) and reconnect. Responses come from a reader task through a bounded queue, so waiting
+with a timeout (for `on_tick`: dead-primary detection, owed acks) never cancels the RPC itself.
+
+A failure of the replica's own WAL write or fsync is fatal (nobody knows what the file holds
+after a failed fsync; a restart's recovery does): it propagates and stops the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from kevo_repl.errors import KevoReplError
+from kevo_repl.node.engine import Engine
+from kevo_repl.node.service import Role
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.frames import Codec, Frame, FrameError, decode_frame
+from kevo_repl.repl.replica_state import (
+    Action,
+    Apply,
+    Connect,
+    Disconnect,
+    Fsync,
+    ProtocolError,
+    ReplicaCore,
+    Rerequest,
+    SendAck,
+    Sleep,
+    WriteUnits,
+)
+from kevo_repl.wal import Entry, Unit
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+QUEUE_MAX = 4  # responses read ahead of the applier: bounds replica memory to a few frames
+RPC_TIMEOUT_S = 5.0
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+]
+
+
+@dataclass(slots=True)
+class _Stream:
+    call: grpc.aio.UnaryStreamCall
+    reader: asyncio.Task[None]
+    queue: asyncio.Queue[rpb.WALStreamResponse | BaseException]
+    session_id: str = ""
+
+
+class ReplicaDriver:
+    def __init__(
+        self,
+        engine: Engine,
+        primary: str,
+        node_id: str,
+        client_address: str,
+        role: Role,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.primary = primary
+        self.node_id = node_id
+        self.client_address = client_address
+        self.role = role
+        self.core = ReplicaCore(
+            applied_seq=engine.store.applied_seq(),
+            received_seq=engine.wal.last_seq,
+            clock=time.monotonic,
+            rng=rng or random.Random(),
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stream: _Stream | None = None
+        self._frame_units: list[Unit] = []
+        self.last_error = ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._channel = grpc.aio.insecure_channel(self.primary, options=CHANNEL_OPTIONS)
+        try:
+            pending = list(self.core.start())
+            while not stop.is_set():
+                if pending:
+                    action = pending.pop(0)
+                    pending.extend(await self._execute(action))
+                else:
+                    pending.extend(await self._next_event(stop))
+        finally:
+            self._drop_stream()
+            await self._channel.close()
+
+    # ------------------------------------------------------------------ events
+
+    async def _next_event(self, stop: asyncio.Event) -> list[Action]:
+        stream = self._stream
+        if stream is None:
+            await asyncio.sleep(TICK_S)
+            return self.core.on_tick()
+        try:
+            item = await asyncio.wait_for(stream.queue.get(), TICK_S)
+        except TimeoutError:
+            return self.core.on_tick()
+        if isinstance(item, BaseException):
+            return self._error(_describe(item))
+        try:
+            return self._on_response(item)
+        except (FrameError, ProtocolError) as err:
+            return self._error(str(err))
+
+    def _on_response(self, response: rpb.WALStreamResponse) -> list[Action]:
+        if response.primary_client_address:
+            self.role.primary_client_address = response.primary_client_address
+        if not response.HasField("frame"):
+            return self.core.on_heartbeat(response.primary_durable_sequence)
+        f = response.frame
+        frame = Frame(
+            f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
+        )
+        self._frame_units = decode_frame(frame)
+        bounds = [(u.first_seq, u.last_seq) for u in self._frame_units]
+        return self.core.on_frame(
+            frame.first_seq,
+            frame.last_seq,
+            bounds,
+            primary_last_seq=response.primary_durable_sequence or None,
+        )
+
+    def _error(self, reason: str) -> list[Action]:
+        self.last_error = reason
+        log.warning("replication from %s: %s", self.primary, reason)
+        return self.core.on_error(reason)
+
+    # ------------------------------------------------------------------ actions
+
+    async def _execute(self, action: Action) -> list[Action]:
+        if isinstance(action, Connect):
+            return await self._connect(action.start_seq)
+        if isinstance(action, WriteUnits):
+            units = [u for u in self._frame_units if u.first_seq >= action.units_first]
+            self.engine.wal.append_units_nowait(units)
+            return []
+        if isinstance(action, Fsync):
+            await asyncio.to_thread(self.engine.wal.sync_to, action.seq)
+            return self.core.on_fsynced(action.seq)
+        if isinstance(action, Apply):
+            await self._apply(action.from_seq, action.up_to_seq)
+            return self.core.on_applied(action.up_to_seq)
+        if isinstance(action, SendAck):
+            return await self._ack(action)
+        if isinstance(action, Disconnect):
+            self._drop_stream()
+            return []
+        if isinstance(action, Sleep):
+            await asyncio.sleep(max(0.0, action.until - time.monotonic()))
+            return self.core.on_retry()
+        if isinstance(action, Rerequest):
+            return []  # we reconnect from the next expected sequence instead of a Nack
+        raise AssertionError(f"unknown action {action!r}")
+
+    async def _connect(self, start_seq: int) -> list[Action]:
+        assert self._channel is not None
+        self._drop_stream()
+        stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        request = rpb.WALStreamRequest(
+            start_sequence=start_seq,
+            protocol_version=1,
+            compression_supported=True,
+            preferred_codec="ZSTD",
+            listener_address=self.client_address,
+            frames=True,
+            accepted_codecs=["ZSTD", "SNAPPY", "NONE"],
+            node_id=self.node_id,
+            client_address=self.client_address,
+        )
+        call = stub.StreamWAL(request)
+        queue: asyncio.Queue[rpb.WALStreamResponse | BaseException] = asyncio.Queue(QUEUE_MAX)
+        stream = _Stream(call, asyncio.create_task(_pump(call, queue)), queue)
+        self._stream = stream
+        try:
+            metadata = await asyncio.wait_for(call.initial_metadata(), RPC_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, TimeoutError) as err:
+            self._drop_stream()
+            return self._error(f"cannot stream from {self.primary}: {_describe(err)}")
+        stream.session_id = str(dict(metadata or ()).get("session-id", ""))
+        log.info("streaming from %s, starting at sequence %d", self.primary, start_seq)
+        return self.core.on_connected()
+
+    async def _apply(self, from_seq: int, up_to_seq: int) -> None:
+        units = self._frame_units
+        if units and units[0].first_seq <= from_seq:
+            entries = [e for u in units for e in u.entries if from_seq <= e.seq <= up_to_seq]
+        else:  # after a restart the range comes back from our own WAL
+            entries = await asyncio.to_thread(self._read_own_wal, from_seq, up_to_seq)
+        if len(entries) <= 64:
+            self.engine.store.apply(entries, up_to_seq)
+        else:
+            await asyncio.to_thread(self.engine.store.apply, entries, up_to_seq)
+
+    def _read_own_wal(self, from_seq: int, up_to_seq: int) -> list[Entry]:
+        return list(self.engine.wal.entries_from(from_seq, max_seq=up_to_seq))
+
+    async def _ack(self, action: SendAck) -> list[Action]:
+        stream = self._stream
+        if stream is None:
+            return self.core.on_ack_sent()  # the connection is gone; positions go next time
+        stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        ack = rpb.Ack(
+            acknowledged_up_to=action.applied,
+            received_sequence=action.received,
+            flushed_sequence=action.flushed,
+            applied_sequence=action.applied,
+            node_id=self.node_id,
+        )
+        try:
+            await stub.Acknowledge(
+                ack, metadata=(("session-id", stream.session_id),), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as err:
+            return self._error(f"acknowledge failed: {_describe(err)}")
+        return self.core.on_ack_sent()
+
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.reader.cancel()
+            stream.call.cancel()
+
+
+async def _pump(
+    call: grpc.aio.UnaryStreamCall,
+    queue: asyncio.Queue[rpb.WALStreamResponse | BaseException],
+) -> None:
+    """Read responses into the bounded queue; an error or the end of the stream goes in last."""
+    try:
+        async for response in call:
+            await queue.put(response)
+        await queue.put(KevoReplError("the primary ended the stream"))
+    except asyncio.CancelledError:
+        raise
+    except grpc.aio.AioRpcError as err:
+        with contextlib.suppress(asyncio.CancelledError):
+            await queue.put(err)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    return str(err)
