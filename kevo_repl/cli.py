@@ -93,14 +93,18 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         ("get", "read KEY"),
         ("delete", "delete KEY"),
         ("scan", "list keys"),
+        ("status", "replication role, positions and lag of a node"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--addr", required=True, help="HOST:PORT of a node")
-        if name != "scan":
+        if name not in ("scan", "status"):
             p.add_argument("key")
         if name == "put":
             p.add_argument("value")
             p.add_argument("--sync", action="store_true", help="wait until the write is on disk")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="one JSON object")
+            p.add_argument("--watch", action="store_true", help="repeat every second until ^C")
         if name == "scan":
             p.add_argument("--prefix", default="")
             p.add_argument("--start", default="")
@@ -134,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return walcli.repair(args.path, sys.stdout)
     if args.command == "serve":
         return _serve(args)
-    if args.command in ("put", "get", "delete", "scan"):
+    if args.command in ("put", "get", "delete", "scan", "status"):
         from kevo_repl.client_cli import run_client
 
         return run_client(args)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 import grpc
+from google.protobuf import json_format
 
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc as pb_grpc
 
@@ -14,6 +19,8 @@ TIMEOUT_S = 10.0
 
 
 def run_client(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return run_status(args)
     with grpc.insecure_channel(args.addr) as channel:
         stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
@@ -50,3 +57,51 @@ def _call(stub: pb_grpc.KevoServiceStub, args: argparse.Namespace) -> int:
         key = row.key.decode("utf-8", "backslashreplace")
         print(f"{key}\t{row.value.decode('utf-8', 'backslashreplace')}")
     return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        while True:
+            try:
+                status = stub.GetReplicationStatus(
+                    rpb.ReplicationStatusRequest(), timeout=TIMEOUT_S
+                )
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+                    return 1
+                status = rpb.ReplicationStatus(role="standalone")
+            print(format_status(status, args.json), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(1.0)
+
+
+def format_status(status: rpb.ReplicationStatus, as_json: bool) -> str:
+    if as_json:
+        obj = json_format.MessageToDict(
+            status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        return json.dumps(obj, sort_keys=True)
+    lines = [
+        f"role {status.role}: last {status.last_sequence}, durable {status.durable_sequence}, "
+        f"applied {status.applied_sequence}"
+    ]
+    if status.role == "replica":
+        lines.append(
+            f"following {status.primary_address}: state {status.state}, primary at "
+            f"{status.primary_durable_sequence}, lag {status.lag_entries} entries "
+            f"({status.lag_seconds:.3f} s)"
+        )
+        if status.last_error:
+            lines.append(f"last error: {status.last_error}")
+    for r in status.replicas:
+        lines.append(
+            f"  replica {r.client_address or r.node_id}: {r.state}; sent {r.sent_sequence}, "
+            f"received {r.received_sequence}, flushed {r.flushed_sequence}, applied "
+            f"{r.applied_sequence}; lag {r.lag_entries} entries ({r.lag_seconds:.3f} s)"
+        )
+    if status.role == "primary" and not status.replicas:
+        lines.append("  no replicas connected")
+    return "\n".join(lines)

@@ -183,3 +183,38 @@ def test_sdk_routes_writes_to_primary_and_redirects(
         _stub(replicas[1]).Put(pb.PutRequest(key=b"x", value=b"y"), timeout=10)
     assert info_err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"primary node at {primary.address}" in (info_err.value.details() or "")
+
+
+def test_status_shows_positions_and_lag(cluster: tuple[NodeProcess, list[NodeProcess]]) -> None:
+    import json
+
+    from nodeproc import run_cli
+
+    primary, replicas = cluster
+    _workload(primary, random.Random(5), 120, "s")
+    _wait_converged(primary, *replicas)
+    deadline = time.monotonic() + CONVERGE_S
+    while True:  # acks are coalesced: the primary hears the final positions shortly after
+        out = run_cli("status", "--addr", primary.address, "--json")
+        status = json.loads(out.stdout)
+        applied = sorted(int(r["applied_sequence"]) for r in status["replicas"])
+        if applied == [int(status["durable_sequence"])] * 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status["role"] == "primary" and len(status["replicas"]) == 2
+    for r in status["replicas"]:
+        assert int(r["applied_sequence"]) == int(status["durable_sequence"]) > 100
+        assert int(r["lag_entries"]) == 0 and r["state"] == "streaming"
+        assert r["client_address"] in {rep.address for rep in replicas}
+    text = run_cli("status", "--addr", replicas[0].address)
+    assert text.returncode == 0
+    assert "role replica" in text.stdout and f"following {primary.address}" in text.stdout
+    assert "lag 0 entries" in text.stdout
+
+
+def test_status_of_a_standalone_node(tmp_path: Path) -> None:
+    from nodeproc import run_cli
+
+    with NodeProcess(tmp_path / "s", free_port()) as node:
+        out = run_cli("status", "--addr", node.address)
+        assert out.returncode == 0 and out.stdout.startswith("role standalone")

@@ -28,7 +28,7 @@ from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits
-from kevo_repl.repl.replica import ReplicaDriver
+from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
 from kevo_repl.wal import RetentionPolicy, WalOptions
 
@@ -90,7 +90,9 @@ def _roles(
     if config.role == "primary":
         sessions = Sessions(engine.wal)
         sessions.attach(asyncio.get_running_loop())
-        service = ReplicationService(engine.wal, sessions, advertise, StreamLimits())
+        service = ReplicationService(
+            engine.wal, sessions, advertise, StreamLimits(), engine.store.applied_seq
+        )
         rpb_grpc.add_WALReplicationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
 
         def replicas() -> list[pb.ReplicaInfo]:
@@ -108,6 +110,8 @@ def _roles(
     if config.role == "replica":
         role = Role("replica", advertise)
         driver = ReplicaDriver(engine, config.primary, node_id(config.data_dir), advertise, role)
+        status = ReplicaStatusService(driver)
+        rpb_grpc.add_WALReplicationServiceServicer_to_server(status, server)  # type: ignore[no-untyped-call]
         return role, driver
     return Role("standalone", advertise), None
 

@@ -15,11 +15,12 @@ payloads, uncompressed, with strictly consecutive sequence numbers, and the `ses
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -70,12 +71,22 @@ class Sessions:
         self._by_id: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # (durable seq, wall time) per fsync round, bounded: the basis of lag in seconds.
+        self._durable_at: collections.deque[tuple[int, float]] = collections.deque(maxlen=8192)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._wal.add_sync_listener(self._on_synced)
 
+    def lag_seconds(self, applied_seq: int, now: float) -> float:
+        """How long the oldest entry the replica has not applied has been durable here."""
+        for seq, at in tuple(self._durable_at):
+            if seq > applied_seq:
+                return max(0.0, now - at)
+        return 0.0
+
     def _on_synced(self, durable_seq: int) -> None:
+        self._durable_at.append((durable_seq, time.time()))  # deque.append is thread-safe
         loop = self._loop
         if loop is not None and self._by_id:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
@@ -127,12 +138,48 @@ def wire_codec(codec: Codec) -> str:
 
 class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     def __init__(
-        self, wal: WAL, sessions: Sessions, client_address: str, limits: StreamLimits
+        self,
+        wal: WAL,
+        sessions: Sessions,
+        client_address: str,
+        limits: StreamLimits,
+        applied_seq: Callable[[], int] = lambda: 0,
     ) -> None:
         self.wal = wal
         self.sessions = sessions
         self.client_address = client_address
         self.limits = limits
+        self.applied_seq = applied_seq
+
+    async def GetReplicationStatus(
+        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ReplicationStatus:
+        durable = self.wal.durable_seq
+        now = time.time()
+        return rpb.ReplicationStatus(
+            role="primary",
+            last_sequence=self.wal.last_seq,
+            durable_sequence=durable,
+            applied_sequence=self.applied_seq(),
+            replicas=[self._replica_status(s, durable, now) for s in self.sessions.all()],
+        )
+
+    def _replica_status(self, s: Session, durable: int, now: float) -> rpb.ReplicaStatus:
+        lag = max(0, durable - s.applied_seq)
+        behind_sent = durable - s.sent_seq
+        state = "streaming" if behind_sent <= self.limits.frame_entries_max else "catching up"
+        return rpb.ReplicaStatus(
+            node_id=s.node_id,
+            client_address=s.client_address,
+            state=state,
+            sent_sequence=s.sent_seq,
+            received_sequence=s.received_seq,
+            flushed_sequence=s.flushed_seq,
+            applied_sequence=s.applied_seq,
+            lag_entries=lag,
+            lag_seconds=self.sessions.lag_seconds(s.applied_seq, now) if lag else 0.0,
+            connected=True,
+        )
 
     async def StreamWAL(
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext

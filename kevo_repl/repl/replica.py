@@ -88,7 +88,14 @@ class ReplicaDriver:
         self._channel: grpc.aio.Channel | None = None
         self._stream: _Stream | None = None
         self._frame_units: list[Unit] = []
+        self._frame_primary_ms = 0  # the primary's clock when it sent the newest frame
         self.last_error = ""
+
+    def lag_seconds(self) -> float:
+        """Approximate: how old the newest frame is, by the primary's clock."""
+        if not self._frame_primary_ms:
+            return 0.0
+        return max(0.0, time.time() - self._frame_primary_ms / 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
         self._channel = grpc.aio.insecure_channel(self.primary, options=CHANNEL_OPTIONS)
@@ -132,6 +139,7 @@ class ReplicaDriver:
             f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
         )
         self._frame_units = decode_frame(frame)
+        self._frame_primary_ms = response.primary_time_unix_ms
         bounds = [(u.first_seq, u.last_seq) for u in self._frame_units]
         return self.core.on_frame(
             frame.first_seq,
@@ -239,6 +247,33 @@ class ReplicaDriver:
         if stream is not None:
             stream.reader.cancel()
             stream.call.cancel()
+
+
+class ReplicaStatusService(rpb_grpc.WALReplicationServiceServicer):
+    """On a replica only GetReplicationStatus is served (nothing streams from a replica yet)."""
+
+    def __init__(self, driver: ReplicaDriver) -> None:
+        self.driver = driver
+
+    async def GetReplicationStatus(
+        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ReplicationStatus:
+        d = self.driver
+        core = d.core
+        primary_last = core.primary_last_seq or 0
+        lag = max(0, primary_last - core.applied_seq)
+        return rpb.ReplicationStatus(
+            role="replica",
+            last_sequence=d.engine.wal.last_seq,
+            durable_sequence=d.engine.wal.durable_seq,
+            applied_sequence=core.applied_seq,
+            primary_address=d.primary,
+            state=core.state.name,
+            primary_durable_sequence=primary_last,
+            lag_entries=lag,
+            lag_seconds=d.lag_seconds() if lag else 0.0,
+            last_error=d.last_error,
+        )
 
 
 async def _pump(
