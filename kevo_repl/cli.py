@@ -68,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_client_commands(sub)
 
-    demo = sub.add_parser("demo", help="show the WAL at work in a scratch directory")
+    demo = sub.add_parser("demo", help="a primary and two replicas replicating, on loopback")
     demo.add_argument("--dir", help="directory to use (default: a new temporary one)")
+    demo.add_argument(
+        "--wal", action="store_true", help="show the WAL alone: group commit, recovery"
+    )
     return parser
 
 
@@ -143,9 +146,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_client(args)
     if args.command == "demo":
-        from kevo_repl.demo import run_wal_demo
+        from kevo_repl.demo import run_cluster_demo, run_wal_demo
 
-        return run_wal_demo(args.dir)
+        return run_wal_demo(args.dir) if args.wal else run_cluster_demo(args.dir)
     raise AssertionError(f"unhandled command {args.command}")
 
 

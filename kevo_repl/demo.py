@@ -1,8 +1,9 @@
-"""`kevo-repl demo`: the WAL, then a node, at work in a scratch directory, in a few seconds."""
+"""`kevo-repl demo`: a primary and two replicas on loopback (or, with --wal, the WAL alone)."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import signal
@@ -56,7 +57,7 @@ def run_wal_demo(directory: str | None) -> int:
     report = io.StringIO()
     code = walcli.verify(wal_dir, report)
     print(f"wal verify: exit {code} over {report.getvalue().count(chr(10))} segment(s)")
-    return code or run_node_demo(directory)
+    return code
 
 
 async def _writers(wal: WAL, tasks: int, each: int) -> None:
@@ -67,37 +68,99 @@ async def _writers(wal: WAL, tasks: int, each: int) -> None:
     await asyncio.gather(*(writer(n) for n in range(tasks)))
 
 
-def run_node_demo(directory: str) -> int:
-    """Start a node, write through gRPC, SIGKILL it and restart it: every acknowledged write is
-    back."""
-    data = os.path.join(directory, "node")
-    port = _free_port()
-    addr = f"127.0.0.1:{port}"
-    print(f"\nnode: kevo-repl serve --data-dir {data} --listen {addr}")
-    node = _start_node(data, addr)
+def run_cluster_demo(directory: str | None) -> int:
+    """A primary and two replicas on loopback: writes replicate, a killed replica catches up."""
+    directory = directory or tempfile.mkdtemp(prefix="kevo-repl-demo-")
+    addrs = [f"127.0.0.1:{_free_port()}" for _ in range(3)]
+    primary = addrs[0]
+    print(f"data in {directory}")
+    nodes = [_start_node(os.path.join(directory, "primary"), primary, "--role", "primary")]
+    for i, addr in enumerate(addrs[1:], 1):
+        data = os.path.join(directory, f"replica{i}")
+        nodes.append(_start_node(data, addr, "--role", "replica", "--primary", primary))
+    print(f"primary {primary}, replicas {addrs[1]} and {addrs[2]}")
+    try:
+        return _cluster_story(directory, addrs, nodes)
+    finally:
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            node.wait(30)
+
+
+def _cluster_story(directory: str, addrs: list[str], nodes: list[subprocess.Popen[bytes]]) -> int:
+    primary = addrs[0]
+    _write(primary, "order", 1000)
+    print("wrote 1000 keys and an atomic batch of 10 to the primary")
+    if not _converged(addrs):
+        return 1
+    _show_redirect(addrs[1])
+    nodes[2].send_signal(signal.SIGKILL)
+    nodes[2].wait(10)
+    print(f"killed replica {addrs[2]} with SIGKILL; writing 1000 more keys while it is down")
+    _write(primary, "late", 1000)
+    nodes[2] = _start_node(
+        os.path.join(directory, "replica2"), addrs[2], "--role", "replica", "--primary", primary
+    )
+    print(f"restarted replica {addrs[2]}: it resumes from its own WAL's position")
+    if not _converged(addrs):
+        return 1
+    status = subprocess.run(
+        [sys.executable, "-m", "kevo_repl.cli", "status", "--addr", primary],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print(f"kevo-repl status --addr {primary}\n{status.stdout.rstrip()}")
+    return 0
+
+
+def _write(addr: str, tag: str, n: int) -> None:
     with grpc.insecure_channel(addr) as channel:
         stub = service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-        for i in range(100):
-            stub.Put(pb.PutRequest(key=b"demo:%03d" % i, value=b"value %d" % i), timeout=10)
+        for i in range(n):
+            value = b'{"n": %d, "tag": "%s"}' % (i, tag.encode())
+            stub.Put(pb.PutRequest(key=b"%s:%05d" % (tag.encode(), i), value=value), timeout=10)
         ops = [
-            pb.Operation(type=pb.Operation.PUT, key=b"order:%d" % i, value=b"x") for i in range(10)
+            pb.Operation(type=pb.Operation.PUT, key=b"%s:batch:%d" % (tag.encode(), i), value=b"x")
+            for i in range(10)
         ]
         stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=10)
-        print("wrote 100 puts and an atomic batch of 10; every write acknowledged (fsynced)")
-    node.send_signal(signal.SIGKILL)
-    node.wait(10)
-    print(f"killed the node with SIGKILL (pid {node.pid}); restarting it on the same data")
-    node = _start_node(data, addr)
-    try:
-        with grpc.insecure_channel(addr) as channel:
-            stub = service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-            rows = list(stub.Scan(pb.ScanRequest(), timeout=10))
-            stats = stub.GetStats(pb.GetStatsRequest(), timeout=10)
-        print(f"after restart: {len(rows)} keys (expected 110), key_count {stats.key_count}")
-        return 0 if len(rows) == 110 else 1
-    finally:
-        node.send_signal(signal.SIGTERM)
-        node.wait(30)
+
+
+def _digest(addr: str) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    count = 0
+    with grpc.insecure_channel(addr) as channel:
+        stub = service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+        for row in stub.Scan(pb.ScanRequest(), timeout=30):
+            digest.update(len(row.key).to_bytes(4, "little") + row.key)
+            digest.update(len(row.value).to_bytes(4, "little") + row.value)
+            count += 1
+    return count, digest.hexdigest()[:16]
+
+
+def _converged(addrs: list[str], timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        digests = [_digest(a) for a in addrs]
+        if len(set(digests)) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for addr, (count, digest) in zip(addrs, digests, strict=True):
+        print(f"  {addr}: {count} keys, digest {digest}")
+    same = len(set(digests)) == 1
+    print("  all three nodes hold the same data" if same else "  NOT CONVERGED")
+    return same
+
+
+def _show_redirect(replica: str) -> None:
+    with grpc.insecure_channel(replica) as channel:
+        stub = service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            stub.Put(pb.PutRequest(key=b"nope", value=b"x"), timeout=10)
+        except grpc.RpcError as err:
+            print(f"a write to replica {replica} is refused: {err.code().name}: {err.details()}")
 
 
 def _free_port() -> int:
@@ -106,8 +169,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_node(data: str, addr: str) -> subprocess.Popen[bytes]:
+def _start_node(data: str, addr: str, *extra: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data, "--listen", addr]
+    cmd += extra
     node = subprocess.Popen([*cmd, "--log-level", "warning"])
     with grpc.insecure_channel(addr) as channel:
         try:
