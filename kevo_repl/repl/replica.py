@@ -39,6 +39,7 @@ from kevo_repl.repl.replica_state import (
     Rerequest,
     SendAck,
     Sleep,
+    State,
     WriteUnits,
 )
 from kevo_repl.wal import Entry, Unit
@@ -125,9 +126,13 @@ class ReplicaDriver:
         if isinstance(item, BaseException):
             return self._error(_describe(item))
         try:
-            return self._on_response(item)
+            actions = self._on_response(item)
         except (FrameError, ProtocolError) as err:
             return self._error(str(err))
+        if self.core.state is State.ERROR and self.core.last_error:  # e.g. a gap the core saw
+            self.last_error = self.core.last_error
+            log.warning("replication from %s: %s", self.primary, self.last_error)
+        return actions
 
     def _on_response(self, response: rpb.WALStreamResponse) -> list[Action]:
         if response.primary_client_address:

@@ -1,0 +1,252 @@
+"""Replication benchmark: catch-up, steady-state lag and wire bytes, beside the local replay limit.
+
+    python bench/replication_bench.py            # full run (1,000,000 entries; a few minutes)
+    python bench/replication_bench.py --quick    # smoke run used by the test suite
+
+In one run, with real node processes on 127.0.0.1:
+* local replay: the same WAL applied to the same kind of store in one process (no network), the
+  limit replication is measured against;
+* catch-up: a new replica of a primary holding N entries, from start to fully applied;
+* steady state: BatchWrites of 100 entries every 5 ms (20,000 entries/s) for a few seconds; lag
+  is the time from a batch's acknowledgement on the primary to its last key being readable on
+  the replica (sampled by a prober thread);
+* wire bytes: the frames the primary sends for that WAL, per codec, against the raw bytes.
+
+Targets (issue 4): catch-up >= 0.7 of local replay; p99 lag <= 10 ms at 20,000 entries/s; zstd
+wire bytes <= 0.3 of raw on JSON-like values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+
+from kevo_repl.node.engine import Engine, WalOpener  # noqa: E402
+from kevo_repl.proto import replication_pb2 as rpb  # noqa: E402
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc  # noqa: E402
+from kevo_repl.proto import service_pb2 as pb  # noqa: E402
+from kevo_repl.proto import service_pb2_grpc as pb_grpc  # noqa: E402
+from kevo_repl.repl.frames import Codec, encode_frame  # noqa: E402
+from kevo_repl.repl.primary import StreamLimits, _take  # noqa: E402
+from kevo_repl.store import MAX_KEY_BYTES, LmdbStore  # noqa: E402
+from kevo_repl.wal import WAL, Op, RetentionPolicy, SyncMode, WalOptions  # noqa: E402
+
+
+def value(i: int) -> bytes:
+    v = b'{"user": %d, "event": "click", "page": "/products/%d", "ts": %d}' % (
+        i % 100_000,
+        i % 977,
+        1_732_500_000 + i,
+    )
+    return v.ljust(100, b" ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_wal(data_dir: str, n: int) -> None:
+    with WAL.open(os.path.join(data_dir, "wal"), WalOptions(sync_mode=SyncMode.NONE)) as wal:
+        i = 0
+        while i < n:
+            if i % 1000 == 0 and i + 10 <= n:  # a transaction now and then
+                wal.append_batch([(Op.PUT, b"tx:%09d" % (i + j), value(i + j)) for j in range(10)])
+                i += 10
+            else:
+                wal.append(Op.PUT, b"user:%09d" % (i * 7919 % n), value(i))
+                i += 1
+
+
+def local_replay(data_dir: str) -> float:
+    """Open the node's engine on a store that has applied nothing: it replays the whole WAL."""
+    store = LmdbStore.open(os.path.join(data_dir, "store"))
+    opener = WalOpener(os.path.join(data_dir, "wal"), WalOptions(sync_mode=SyncMode.NONE))
+    started = time.perf_counter()
+    engine = Engine.open(opener, store, RetentionPolicy(), MAX_KEY_BYTES)
+    store.checkpoint()
+    took = time.perf_counter() - started
+    count = engine.recovered_entries
+    engine.wal.close()
+    store.close()
+    return count / took
+
+
+def wire_bytes(data_dir: str) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    limits = StreamLimits()
+    with WAL.open(os.path.join(data_dir, "wal"), WalOptions(sync_mode=SyncMode.NONE)) as wal:
+        for codec in (Codec.NONE, Codec.SNAPPY, Codec.ZSTD):
+            raw = sent = 0
+            seq = 1
+            while seq <= wal.last_seq:
+                units = _take(wal.units_from(seq), limits)
+                frame = encode_frame(units, codec)
+                raw += frame.raw_len
+                sent += len(frame.payload)
+                seq = frame.last_seq + 1
+            out[codec.name.lower()] = (raw, sent)
+    return out
+
+
+def start_node(data_dir: str, addr: str, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
+    proc = subprocess.Popen([*cmd, "--log-level", "warning", *extra])
+    with grpc.insecure_channel(addr) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+    return proc
+
+
+def applied_on(addr: str) -> int:
+    with grpc.insecure_channel(addr) as channel:
+        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        status = stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=10)
+        return int(status.applied_sequence)
+
+
+def catch_up(root: str, primary_addr: str, n: int) -> tuple[float, subprocess.Popen[bytes], str]:
+    addr = f"127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    replica = start_node(
+        os.path.join(root, "replica"), addr, "--role", "replica", "--primary", primary_addr
+    )
+    while applied_on(addr) < n:
+        time.sleep(0.02)
+    return n / (time.perf_counter() - started), replica, addr
+
+
+def steady_state(primary: str, replica: str, seconds: float) -> tuple[float, list[float]]:
+    """BatchWrites of 100 every 5 ms; returns (entries/s achieved, lag samples in seconds)."""
+    lags: list[float] = []
+    probe_queue: list[tuple[bytes, float]] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def prober() -> None:
+        with grpc.insecure_channel(replica) as channel:
+            stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+            while not done.is_set() or probe_queue:
+                with lock:
+                    item = probe_queue.pop(0) if probe_queue else None
+                if item is None:
+                    time.sleep(0.0005)
+                    continue
+                key, acked = item
+                # A short pause between polls: a tight loop would steal the replica's CPU
+                # and inflate the very lag it measures.
+                while not stub.Get(pb.GetRequest(key=key), timeout=10).found:
+                    time.sleep(0.0002)
+                lags.append(time.perf_counter() - acked)
+
+    thread = threading.Thread(target=prober)
+    thread.start()
+    written = 0
+    with grpc.insecure_channel(primary) as channel:
+        stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+        started = time.perf_counter()
+        batch = 0
+        while time.perf_counter() - started < seconds:
+            ops = [
+                pb.Operation(
+                    type=pb.Operation.PUT, key=b"live:%07d:%03d" % (batch, j), value=value(j)
+                )
+                for j in range(100)
+            ]
+            stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=10)
+            acked = time.perf_counter()
+            written += 100
+            if batch % 4 == 0:  # sample a quarter of the batches
+                with lock:
+                    probe_queue.append((ops[-1].key, acked))
+            batch += 1
+            next_at = started + batch * 0.005
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+        elapsed = time.perf_counter() - started
+    done.set()
+    thread.join(60)
+    return written / elapsed, lags
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script runs")
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    args = parser.parse_args()
+    n = 20_000 if args.quick else args.entries
+    steady_s = 1.0 if args.quick else 10.0
+    root = tempfile.mkdtemp(prefix="repl-bench-")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        primary_dir = os.path.join(root, "primary")
+        build_wal(primary_dir, n)
+        replay = local_replay(primary_dir)
+        wire = wire_bytes(primary_dir)
+        primary = f"127.0.0.1:{free_port()}"
+        procs.append(start_node(primary_dir, primary, "--role", "primary"))
+        rate, replica, replica_addr = catch_up(root, primary, n)
+        procs.append(replica)
+        achieved, lags = steady_state(primary, replica_addr, steady_s)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+        shutil.rmtree(root, ignore_errors=True)
+    report(n, replay, rate, achieved, lags, wire, args.quick)
+    return 0
+
+
+def report(
+    n: int,
+    replay: float,
+    rate: float,
+    achieved: float,
+    lags: list[float],
+    wire: dict[str, tuple[int, int]],
+    quick: bool,
+) -> None:
+    p50, p99 = percentile(lags, 50) * 1000, percentile(lags, 99) * 1000
+    print(
+        f"replication benchmark: {n} entries of ~100-byte JSON-like values, {os.cpu_count()} CPUs"
+    )
+    print(f"local replay (same WAL, same store, one process): {replay:12,.0f} entries/s")
+    share = rate / replay
+    print(f"catch-up of a new replica {n} behind: {rate:12,.0f} entries/s ({share:.3f} of replay)")
+    print(f"steady state: {achieved:,.0f} entries/s written; lag over {len(lags)} samples:")
+    worst, mean = max(lags) * 1000, statistics.mean(lags) * 1000
+    print(f"  p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, mean {mean:.2f} ms")
+    raw = wire["none"][0]
+    for codec, (_, sent) in wire.items():
+        print(f"wire bytes, {codec:6}: {sent:14,} ({sent / raw:.3f} of raw {raw:,})")
+    zstd_ratio = wire["zstd"][1] / raw
+    print(f"target catch-up >= 0.7 of local replay: {'PASS' if rate >= 0.7 * replay else 'FAIL'}")
+    lag_ok = p99 <= 10 and achieved >= 19_000
+    print(f"target p99 lag <= 10 ms at 20,000 entries/s: {'PASS' if lag_ok else 'FAIL'}")
+    print(f"target zstd wire bytes <= 0.3 of raw: {'PASS' if zstd_ratio <= 0.3 else 'FAIL'}")
+    if quick:
+        print("(quick run: sizes too small for the targets to mean anything)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The replica driver against a scripted fake primary that sends corrupt frames.
+
+Each bad frame (bad checksum, bad compressed data, a sequence gap) must end in a clear error and a
+re-request from the right sequence, and never in a wrong store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from kevo_repl.node.engine import Engine, WalOpener
+from kevo_repl.node.service import Role
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.frames import Codec, Frame, encode_frame
+from kevo_repl.repl.primary import wire_codec
+from kevo_repl.repl.replica import ReplicaDriver
+from kevo_repl.store import MAX_KEY_BYTES, MemoryStore
+from kevo_repl.wal import WAL, Op, RetentionPolicy, Unit, WalOptions
+
+
+def _units(path: Path, n: int) -> list[Unit]:
+    with WAL.open(str(path)) as wal:
+        for i in range(n):
+            wal.append(Op.PUT, b"k%03d" % i, b"v%d" % i)
+        return list(wal.units_from(1))
+
+
+def _response(frame: Frame) -> rpb.WALStreamResponse:
+    return rpb.WALStreamResponse(
+        frame=rpb.Frame(
+            first_sequence=frame.first_seq,
+            last_sequence=frame.last_seq,
+            codec=wire_codec(frame.codec),
+            raw_length=frame.raw_len,
+            crc32=frame.crc32,
+            payload=frame.payload,
+        ),
+        primary_durable_sequence=30,
+        primary_client_address="127.0.0.1:1",
+    )
+
+
+class ScriptedPrimary(rpb_grpc.WALReplicationServiceServicer):
+    """Connection k gets script[k] (then waits); records every request's start sequence."""
+
+    def __init__(self, script: list[list[rpb.WALStreamResponse]]) -> None:
+        self.script = script
+        self.starts: list[int] = []
+        self.acks: list[int] = []
+
+    async def StreamWAL(
+        self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.WALStreamResponse]:
+        self.starts.append(request.start_sequence)
+        await context.send_initial_metadata((("session-id", f"s{len(self.starts)}"),))
+        responses = (
+            self.script[len(self.starts) - 1] if len(self.starts) <= len(self.script) else []
+        )
+        for response in responses:
+            yield response
+        await asyncio.sleep(30)  # then stay open and quiet
+
+    async def Acknowledge(
+        self, request: rpb.Ack, context: grpc.aio.ServicerContext
+    ) -> rpb.AckResponse:
+        self.acks.append(request.applied_sequence)
+        return rpb.AckResponse(success=True)
+
+
+def test_corrupt_frames_are_rerequested_never_applied(tmp_path: Path) -> None:
+    units = _units(tmp_path / "source", 30)
+    good_1_10 = encode_frame(units[0:10], Codec.ZSTD)
+    bad_crc = dataclasses.replace(encode_frame(units[0:10], Codec.SNAPPY), crc32=12345)
+    gap = encode_frame(units[14:20], Codec.ZSTD)  # 15..20 while 11 is next
+    good_11_20 = encode_frame(units[10:20], Codec.NONE)
+    garbage = dataclasses.replace(
+        encode_frame(units[20:30], Codec.ZSTD), payload=b"\x28\xb5\x2f\xfdjunk"
+    )
+    good_21_30 = encode_frame(units[20:30], Codec.ZSTD)
+    primary = ScriptedPrimary(
+        [
+            [_response(bad_crc)],
+            [_response(good_1_10), _response(gap)],
+            [_response(good_11_20), _response(garbage)],
+            [_response(good_21_30)],
+        ]
+    )
+
+    async def scenario() -> tuple[int, list[bytes | None], ReplicaDriver, list[str]]:
+        server = grpc.aio.server()
+        rpb_grpc.add_WALReplicationServiceServicer_to_server(primary, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        store = MemoryStore()
+        opener = WalOpener(str(tmp_path / "replica-wal"), WalOptions())
+        engine = Engine.open(opener, store, RetentionPolicy(), MAX_KEY_BYTES)
+        role = Role("replica", "127.0.0.1:2")
+        driver = ReplicaDriver(engine, f"127.0.0.1:{port}", "node-a", "127.0.0.1:2", role)
+        errors: list[str] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(driver.run(stop))
+        for _ in range(400):  # up to ~20 s, backoff included
+            await asyncio.sleep(0.05)
+            if driver.last_error and (not errors or errors[-1] != driver.last_error):
+                errors.append(driver.last_error)
+            if store.applied_seq() == 30:
+                break
+        stop.set()
+        await task
+        applied, values = store.applied_seq(), [store.get(b"k%03d" % i) for i in range(30)]
+        await server.stop(None)
+        await engine.close()
+        return applied, values, driver, errors
+
+    applied, values, driver, errors = asyncio.run(scenario())
+    assert applied == 30
+    assert values == [b"v%d" % i for i in range(30)]
+    assert primary.starts == [1, 1, 11, 21]  # each failure re-requests the next needed sequence
+    assert any("CRC" in e for e in errors), errors
+    assert any("gap: expected sequence 11" in e for e in errors), errors
+    assert any("zstd" in e.lower() for e in errors), errors
+    assert driver.role.primary_client_address == "127.0.0.1:1"
+    with WAL.open(str(tmp_path / "replica-wal")) as wal:  # its own WAL: 1..30 once, in order
+        assert [e.seq for e in wal.entries_from(1)] == list(range(1, 31))
