@@ -60,3 +60,18 @@ def test_sync_listener_hears_every_round(tmp_path: Path) -> None:
         assert heard == [2]
         wal.append(Op.PUT, b"c", b"3", sync=True)
         assert heard == [2, 3]
+
+
+def test_append_units_from_a_frames_raw_bytes(tmp_path: Path) -> None:
+    from kevo_repl.repl.frames import Codec, decode_frame_raw, encode_frame
+
+    src = _source(tmp_path / "src")
+    units = list(src.units_from(1))
+    raw, decoded = decode_frame_raw(encode_frame(units, Codec.ZSTD))
+    with WAL.open(str(tmp_path / "dst"), WalOptions(segment_bytes_max=4096)) as dst:
+        assert dst.append_units_nowait(decoded[:5], raw) == decoded[4].last_seq
+        assert dst.append_units_nowait(decoded[5:], raw) == src.last_seq
+        dst.sync()
+        assert list(dst.entries_from(1)) == list(src.entries_from(1))
+        assert len(dst.segment_paths()) > 1  # raw units still never span segments
+    src.close()

@@ -132,9 +132,15 @@ class Engine:
 
     async def checkpoint(self) -> int:
         """Make the store durable, move the WAL hold and apply retention; returns durable seq."""
-        async with self._apply_lock:
-            await asyncio.to_thread(self.wal.sync)  # the store must never be ahead of the WAL
+        if self.wal.options.sync_mode is SyncMode.IMMEDIATE:
+            # Everything applied is already durable in the WAL, so writes may go on while the
+            # store fsyncs (tens of ms on a large store): holding the lock here stalled them.
+            await asyncio.to_thread(self.wal.sync)
             durable = await asyncio.to_thread(self.store.checkpoint)
+        else:
+            async with self._apply_lock:  # the store must never be durable ahead of the WAL
+                await asyncio.to_thread(self.wal.sync)
+                durable = await asyncio.to_thread(self.store.checkpoint)
         self.wal.hold(STORE_HOLD, durable + 1)
         await asyncio.to_thread(self.wal.apply_retention, self.retention)
         return durable

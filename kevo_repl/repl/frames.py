@@ -210,6 +210,14 @@ def _check_unit(i: int, unit: Unit) -> None:
 
 def decode_frame(frame: Frame, *, raw_bytes_max: int = FRAME_RAW_BYTES_MAX) -> list[Unit]:
     """The frame's units, after checking every invariant in the module docstring."""
+    return decode_frame_raw(frame, raw_bytes_max=raw_bytes_max)[1]
+
+
+def decode_frame_raw(
+    frame: Frame, *, raw_bytes_max: int = FRAME_RAW_BYTES_MAX
+) -> tuple[bytes, list[Unit]]:
+    """`decode_frame`, also returning the raw payload (unit offsets index into it), so a
+    replica can write the units' bytes to its WAL without encoding them again."""
     where = f"frame {frame.first_seq}..{frame.last_seq}"
     try:
         codec = Codec(frame.codec)
@@ -227,7 +235,7 @@ def decode_frame(frame: Frame, *, raw_bytes_max: int = FRAME_RAW_BYTES_MAX) -> l
         raise FrameError(
             f"{where}: units span sequences {units[0].first_seq}..{units[-1].last_seq}"
         )
-    return units
+    return raw, units
 
 
 def _decompress(payload: bytes, codec: Codec, raw_len: int, where: str) -> bytes:

@@ -27,7 +27,7 @@ from kevo_repl.node.engine import Engine
 from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl.frames import Codec, Frame, FrameError, decode_frame
+from kevo_repl.repl.frames import Codec, Frame, FrameError, decode_frame_raw
 from kevo_repl.repl.replica_state import (
     Action,
     Apply,
@@ -89,6 +89,8 @@ class ReplicaDriver:
         self._channel: grpc.aio.Channel | None = None
         self._stream: _Stream | None = None
         self._frame_units: list[Unit] = []
+        self._frame_raw = b""
+        self._acks: set[asyncio.Task[None]] = set()
         self._frame_primary_ms = 0  # the primary's clock when it sent the newest frame
         self.last_error = ""
 
@@ -143,7 +145,7 @@ class ReplicaDriver:
         frame = Frame(
             f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
         )
-        self._frame_units = decode_frame(frame)
+        self._frame_raw, self._frame_units = decode_frame_raw(frame)
         self._frame_primary_ms = response.primary_time_unix_ms
         bounds = [(u.first_seq, u.last_seq) for u in self._frame_units]
         return self.core.on_frame(
@@ -165,7 +167,7 @@ class ReplicaDriver:
             return await self._connect(action.start_seq)
         if isinstance(action, WriteUnits):
             units = [u for u in self._frame_units if u.first_seq >= action.units_first]
-            self.engine.wal.append_units_nowait(units)
+            self.engine.wal.append_units_nowait(units, self._frame_raw)
             return []
         if isinstance(action, Fsync):
             await asyncio.to_thread(self.engine.wal.sync_to, action.seq)
@@ -239,13 +241,25 @@ class ReplicaDriver:
             applied_sequence=action.applied,
             node_id=self.node_id,
         )
-        try:
-            await stub.Acknowledge(
-                ack, metadata=(("session-id", stream.session_id),), timeout=RPC_TIMEOUT_S
-            )
-        except grpc.aio.AioRpcError as err:
-            return self._error(f"acknowledge failed: {_describe(err)}")
+        # Sent in the background: waiting for the primary's answer would stall the pipeline by a
+        # round trip per frame. A lost ack is harmless (the next one carries newer positions); a
+        # broken link shows up on the stream itself.
+        metadata = (("session-id", stream.session_id),)
+        task = asyncio.create_task(self._send_ack(stub, ack, metadata))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
         return self.core.on_ack_sent()
+
+    async def _send_ack(
+        self,
+        stub: rpb_grpc.WALReplicationServiceStub,
+        ack: rpb.Ack,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        try:
+            await stub.Acknowledge(ack, metadata=metadata, timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            log.info("acknowledge to %s failed: %s", self.primary, _describe(err))
 
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None

@@ -395,11 +395,16 @@ class WAL:
         self._after_append(last, None)
         return last
 
-    def append_units_nowait(self, units: Sequence[Unit]) -> int:
-        """`append_units` without any sync: the caller fsyncs (`sync_to`) when it decides."""
-        return self._append_units(units)
+    def append_units_nowait(self, units: Sequence[Unit], raw: bytes | None = None) -> int:
+        """`append_units` without any sync: the caller fsyncs (`sync_to`) when it decides.
 
-    def _append_units(self, units: Sequence[Unit]) -> int:
+        With `raw`, the bytes the units were decoded from (their offsets index into it), those
+        bytes are written as they are instead of encoding the units again.
+        """
+        return self._append_units(units, raw)
+
+    def _append_units(self, units: Sequence[Unit], raw: bytes | None = None) -> int:
+        view = memoryview(raw) if raw is not None else None
         with self._lock:
             self._check_writable()
             for unit in units:
@@ -408,7 +413,10 @@ class WAL:
                         f"unit starting at sequence {unit.first_seq} does not continue the WAL "
                         f"(next is {self._next_seq})"
                     )
-                data = _encode_unit(unit)
+                if view is not None:
+                    data: bytes | memoryview = view[unit.offset : unit.offset + unit.length]
+                else:
+                    data = _encode_unit(unit)
                 self._write_unit_locked(data, unit.first_seq)
                 self._next_seq = unit.last_seq + 1
                 self._last_seq = unit.last_seq
@@ -479,7 +487,7 @@ class WAL:
                 self._hub.publish("batch", start, entries)
         return start
 
-    def _write_unit_locked(self, data: bytes, first_seq: int) -> None:
+    def _write_unit_locked(self, data: bytes | memoryview, first_seq: int) -> None:
         if len(data) > MAX_UNIT_BYTES:
             raise InvalidArgumentError(
                 f"WAL unit of {len(data)} bytes exceeds the limit of {MAX_UNIT_BYTES}"
