@@ -75,3 +75,15 @@ def test_append_units_from_a_frames_raw_bytes(tmp_path: Path) -> None:
         assert list(dst.entries_from(1)) == list(src.entries_from(1))
         assert len(dst.segment_paths()) > 1  # raw units still never span segments
     src.close()
+
+
+def test_units_read_raw_frame_to_the_same_bytes(tmp_path: Path) -> None:
+    from kevo_repl.repl.frames import encode_units
+
+    src = _source(tmp_path / "src")
+    raw_units = list(src.units_from(1, raw=True))
+    plain = list(src.units_from(1))
+    assert all(u.raw for u in raw_units) and not any(u.raw for u in plain)
+    assert [u.entries for u in raw_units] == [u.entries for u in plain]
+    assert encode_units(raw_units) == encode_units(plain)  # the primary ships the same bytes
+    src.close()

@@ -135,7 +135,9 @@ def encode_units(units: Sequence[Unit]) -> bytes:
     """The raw payload: each unit re-encoded in the WAL format (batches as format A), end to end."""
     parts = []
     for unit in units:
-        if unit.form == BatchForm.SINGLE:
+        if unit.raw:  # read from a WAL with raw=True: already the exact bytes
+            parts.append(unit.raw)
+        elif unit.form == BatchForm.SINGLE:
             (entry,) = unit.entries
             parts.append(encode_entry(entry.seq, entry.op, entry.key, entry.value))
         else:

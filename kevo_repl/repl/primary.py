@@ -256,7 +256,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self, session: Session, next_seq: int, durable: int
     ) -> list[tuple[rpb.WALStreamResponse, int]]:
         """Up to one frame (or one Kevo response) of units from `next_seq` (worker thread)."""
-        units = _take(self.wal.units_from(next_seq, max_seq=durable), self.limits)
+        units = _take(self.wal.units_from(next_seq, max_seq=durable, raw=True), self.limits)
         if not units:
             return []
         if session.frames:

@@ -112,6 +112,9 @@ class Unit(NamedTuple):
     form: BatchForm
     first_seq: int
     last_seq: int
+    # The unit's bytes as read, only when the reader was asked to keep them (a primary ships
+    # them as they are instead of encoding the entries again); empty otherwise.
+    raw: bytes = b""
 
     @property
     def is_batch(self) -> bool:
@@ -244,7 +247,7 @@ def _read_logical(buf: bytes, pos: int) -> tuple[bytes, int] | None:
             return b"".join(parts), nxt
 
 
-def decode_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
+def decode_unit(buf: bytes, pos: int, base: int = 0, keep_raw: bool = False) -> Unit | None:
     """Decode the unit starting at `pos`; None if `buf` ends before the unit does.
 
     `base` is added to the unit's offset (the file offset of `buf[0]`); error offsets stay
@@ -263,14 +266,21 @@ def decode_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
                 kend = ENTRY_HEADER_SIZE + keylen
                 if op == Op.DELETE and kend <= length:
                     entry = Entry(seq, Op.DELETE, payload[ENTRY_HEADER_SIZE:kend])
-                    return Unit((entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq)
+                    raw = buf[pos:end] if keep_raw else b""
+                    return Unit((entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw)
                 if kend + 4 <= length:
                     vend = kend + 4 + _U32.unpack_from(payload, kend)[0]
                     if vend <= length:
                         key, value = payload[ENTRY_HEADER_SIZE:kend], payload[kend + 4 : vend]
                         entry = Entry(seq, _OPS[op], key, value)  # type: ignore[arg-type]
-                        return Unit((entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq)
-    return _decode_unit_slow(buf, pos, base)
+                        raw = buf[pos:end] if keep_raw else b""
+                        return Unit(
+                            (entry,), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw
+                        )
+    unit = _decode_unit_slow(buf, pos, base)
+    if unit is not None and keep_raw:
+        return unit._replace(raw=buf[pos : pos + unit.length])
+    return unit
 
 
 def _decode_unit_slow(buf: bytes, pos: int, base: int) -> Unit | None:

@@ -701,11 +701,14 @@ class WAL:
                 if entry.seq >= seq:
                     yield entry
 
-    def units_from(self, seq: int, max_seq: int | None = None) -> Iterator[Unit]:
+    def units_from(
+        self, seq: int, max_seq: int | None = None, *, raw: bool = False
+    ) -> Iterator[Unit]:
         """Whole units whose last sequence is >= `seq`, up to what was written when reached.
 
         Goes straight to the segment holding `seq` and, through the sparse index, near its offset.
         Raises SequenceCompactedError when `seq` is older than the oldest retained entry.
+        With `raw`, each unit also carries its bytes as read (`Unit.raw`).
         """
         seq = max(seq, 1)  # nothing below 1 ever existed, so 0 cannot have been compacted away
         with self._lock:
@@ -718,7 +721,7 @@ class WAL:
             pos = self._locate_locked(seq)
         if pos is None:
             return
-        yield from self._read_from(pos[0], pos[1], seq, max_seq)
+        yield from self._read_from(pos[0], pos[1], seq, max_seq, raw)
 
     def _locate_locked(self, seq: int) -> tuple[str, int] | None:
         if not self._segments:
@@ -734,7 +737,9 @@ class WAL:
         j = bisect.bisect_left(seg.index, (seq, -1)) - 1
         return seg.name, seg.index[j][1] if j >= 0 else 0
 
-    def _read_from(self, name: str, offset: int, seq: int, max_seq: int | None) -> Iterator[Unit]:
+    def _read_from(
+        self, name: str, offset: int, seq: int, max_seq: int | None, raw: bool
+    ) -> Iterator[Unit]:
         fd = self._open_segment(name, seq)
         try:
             while True:
@@ -744,7 +749,7 @@ class WAL:
                     limit = self._written if active else (seg.size if seg else os.fstat(fd).st_size)
                     nxt = self._next_name_locked(name)
                 if offset < limit:
-                    reader = SegmentReader(fd, offset, limit)
+                    reader = SegmentReader(fd, offset, limit, keep_raw=raw)
                     for unit in reader:
                         if seg is not None and not seg.index_complete:
                             self._index_from_reader(seg, unit.first_seq, unit.offset)

@@ -57,8 +57,11 @@ class SegmentReader:
     bytes: the caller decides what a torn tail or corruption means where it is.
     """
 
-    def __init__(self, fd: int, start: int = 0, limit: int | None = None) -> None:
+    def __init__(
+        self, fd: int, start: int = 0, limit: int | None = None, keep_raw: bool = False
+    ) -> None:
         self._fd = fd
+        self._keep_raw = keep_raw
         self._pos = start
         self._limit = os.fstat(fd).st_size if limit is None else limit
         self.end: ReadEnd | None = None
@@ -69,7 +72,7 @@ class SegmentReader:
         at = 0
         while True:
             try:
-                unit = decode_unit(buf, at, base)
+                unit = decode_unit(buf, at, base, self._keep_raw)
             except CodecError as err:
                 self.end = self._classify(err, base + at, base)
                 return
