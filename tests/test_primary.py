@@ -18,7 +18,8 @@ import pytest
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, decode_frame
-from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits, wire_codec
+from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits
+from kevo_repl.repl.wire import from_message, wire_codec
 from kevo_repl.wal import WAL, Op, RetentionPolicy, SyncMode, WalOptions
 from kevo_repl.wal.codec import decode_entry
 
@@ -61,10 +62,7 @@ def _run(wal_dir: Path, scenario: Callable[[WAL], Awaitable[None]]) -> None:
 
 
 def _frame(response: rpb.WALStreamResponse) -> Frame:
-    f = response.frame
-    return Frame(
-        f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
-    )
+    return from_message(response.frame)
 
 
 @pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.SNAPPY, Codec.NONE])
@@ -179,3 +177,17 @@ def test_compacted_start_is_out_of_range(tmp_path: Path) -> None:
             assert f"oldest is {oldest}" in (info.value.details() or "")
 
     _run(tmp_path, compacted)
+
+
+def test_frame_message_round_trip_and_unknown_codec(tmp_path: Path) -> None:
+    from kevo_repl.repl.frames import FrameError, encode_frame
+    from kevo_repl.repl.wire import to_message
+
+    with WAL.open(str(tmp_path)) as wal:
+        _fill(wal, 12)
+        frame = encode_frame(list(wal.units_from(1)), Codec.SNAPPY)
+    assert from_message(to_message(frame)) == frame
+    message = to_message(frame)
+    message.codec = 7  # type: ignore[assignment]  # what a future or broken peer might send
+    with pytest.raises(FrameError, match="unknown codec 7"):
+        decode_frame(from_message(message))

@@ -20,8 +20,8 @@ from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_frame
-from kevo_repl.repl.primary import wire_codec
 from kevo_repl.repl.replica import ReplicaDriver
+from kevo_repl.repl.wire import to_message
 from kevo_repl.store import MAX_KEY_BYTES, MemoryStore
 from kevo_repl.wal import WAL, Op, RetentionPolicy, Unit, WalOptions
 
@@ -35,14 +35,7 @@ def _units(path: Path, n: int) -> list[Unit]:
 
 def _response(frame: Frame) -> rpb.WALStreamResponse:
     return rpb.WALStreamResponse(
-        frame=rpb.Frame(
-            first_sequence=frame.first_seq,
-            last_sequence=frame.last_seq,
-            codec=wire_codec(frame.codec),
-            raw_length=frame.raw_len,
-            crc32=frame.crc32,
-            payload=frame.payload,
-        ),
+        frame=to_message(frame),
         primary_durable_sequence=30,
         primary_client_address="127.0.0.1:1",
     )

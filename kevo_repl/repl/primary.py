@@ -29,6 +29,7 @@ from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_frame
+from kevo_repl.repl.wire import to_message
 from kevo_repl.wal import WAL, Unit
 from kevo_repl.wal.codec import entry_payload
 
@@ -129,11 +130,6 @@ def choose_codec(request: rpb.WALStreamRequest) -> Codec:
     if request.compression_supported and preferred in (Codec.ZSTD, Codec.SNAPPY):
         return Codec(preferred)
     return Codec.NONE
-
-
-def wire_codec(codec: Codec) -> str:
-    """The proto enum value for `codec` (message constructors take enum names)."""
-    return codec.name
 
 
 class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
@@ -266,14 +262,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
 
     def _frame_response(self, frame: Frame) -> rpb.WALStreamResponse:
         return rpb.WALStreamResponse(
-            frame=rpb.Frame(
-                first_sequence=frame.first_seq,
-                last_sequence=frame.last_seq,
-                codec=wire_codec(frame.codec),
-                raw_length=frame.raw_len,
-                crc32=frame.crc32,
-                payload=frame.payload,
-            ),
+            frame=to_message(frame),
             primary_durable_sequence=self.wal.durable_seq,
             primary_time_unix_ms=int(time.time() * 1000),
             primary_client_address=self.client_address,

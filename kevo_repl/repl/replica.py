@@ -27,7 +27,7 @@ from kevo_repl.node.engine import Engine
 from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl.frames import Codec, Frame, FrameError, decode_frame_raw
+from kevo_repl.repl.frames import FrameError, decode_frame_raw
 from kevo_repl.repl.replica_state import (
     Action,
     Apply,
@@ -42,6 +42,7 @@ from kevo_repl.repl.replica_state import (
     State,
     WriteUnits,
 )
+from kevo_repl.repl.wire import from_message
 from kevo_repl.wal import Entry, Unit
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,7 @@ class ReplicaDriver:
             self.role.primary_client_address = response.primary_client_address
         if not response.HasField("frame"):
             return self.core.on_heartbeat(response.primary_durable_sequence)
-        f = response.frame
-        frame = Frame(
-            f.first_sequence, f.last_sequence, Codec(f.codec), f.raw_length, f.crc32, f.payload
-        )
+        frame = from_message(response.frame)
         self._frame_raw, self._frame_units = decode_frame_raw(frame)
         self._frame_primary_ms = response.primary_time_unix_ms
         bounds = [(u.first_seq, u.last_seq) for u in self._frame_units]
