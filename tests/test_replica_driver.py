@@ -124,3 +124,55 @@ def test_corrupt_frames_are_rerequested_never_applied(
     assert driver.role.primary_client_address == "127.0.0.1:1"
     with WAL.open(str(tmp_path / "replica-wal")) as wal:  # its own WAL: 1..30 once, in order
         assert [e.seq for e in wal.entries_from(1)] == list(range(1, 31))
+
+
+class SlowAckPrimary(ScriptedPrimary):
+    """Answers each ack after 0.3 s and records how many were in flight at once."""
+
+    def __init__(self, script: list[list[rpb.WALStreamResponse]]) -> None:
+        super().__init__(script)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def Acknowledge(
+        self, request: rpb.Ack, context: grpc.aio.ServicerContext
+    ) -> rpb.AckResponse:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0.3)
+        self.in_flight -= 1
+        self.acks.append(request.applied_sequence)
+        return rpb.AckResponse(success=True)
+
+
+def test_a_slow_primary_never_has_more_than_one_ack_in_flight(tmp_path: Path) -> None:
+    units = _units(tmp_path / "source", 30)
+    frames = [_response(encode_frame(units[i : i + 3], Codec.ZSTD)) for i in range(0, 30, 3)]
+    primary = SlowAckPrimary([frames])
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        rpb_grpc.add_WALReplicationServiceServicer_to_server(primary, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        store = MemoryStore()
+        engine = Engine.open(
+            WalOpener(str(tmp_path / "wal"), WalOptions()), store, RetentionPolicy(), MAX_KEY_BYTES
+        )
+        role = Role("replica", "127.0.0.1:2")
+        driver = ReplicaDriver(engine, f"127.0.0.1:{port}", "node-b", "127.0.0.1:2", role)
+        stop = asyncio.Event()
+        task = asyncio.create_task(driver.run(stop))
+        for _ in range(200):  # up to ~10 s
+            await asyncio.sleep(0.05)
+            if primary.acks and primary.acks[-1] == 30:
+                break
+        stop.set()
+        await task
+        await server.stop(None)
+        await engine.close()
+
+    asyncio.run(scenario())
+    assert primary.acks and primary.acks[-1] == 30  # the newest positions always get through
+    assert primary.most_in_flight == 1
+    assert len(primary.acks) < 10  # ten frames applied, older waiting acks were replaced

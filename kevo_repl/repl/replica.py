@@ -91,7 +91,11 @@ class ReplicaDriver:
         self._stream: _Stream | None = None
         self._frame_units: list[Unit] = []
         self._frame_raw = b""
-        self._acks: set[asyncio.Task[None]] = set()
+        self._stub: rpb_grpc.WALReplicationServiceStub | None = None
+        # At most one ack in flight and one waiting (a newer one replaces it: it carries newer
+        # positions), so a slow primary cannot pile up ack tasks on the replica.
+        self._ack_next: tuple[rpb.Ack, tuple[tuple[str, str], ...]] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
         self._frame_primary_ms = 0  # the primary's clock when it sent the newest frame
         self.last_error = ""
 
@@ -103,6 +107,7 @@ class ReplicaDriver:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._channel = grpc.aio.insecure_channel(self.primary, options=CHANNEL_OPTIONS)
+        self._stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         try:
             pending = list(self.core.start())
             while not stop.is_set():
@@ -113,6 +118,8 @@ class ReplicaDriver:
                     pending.extend(await self._next_event(stop))
         finally:
             self._drop_stream()
+            if self._ack_task is not None:
+                self._ack_task.cancel()
             await self._channel.close()
 
     # ------------------------------------------------------------------ events
@@ -186,9 +193,8 @@ class ReplicaDriver:
         raise AssertionError(f"unknown action {action!r}")
 
     async def _connect(self, start_seq: int) -> list[Action]:
-        assert self._channel is not None
+        assert self._stub is not None
         self._drop_stream()
-        stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         request = rpb.WALStreamRequest(
             start_sequence=start_seq,
             protocol_version=1,
@@ -200,7 +206,7 @@ class ReplicaDriver:
             node_id=self.node_id,
             client_address=self.client_address,
         )
-        call = stub.StreamWAL(request)
+        call = self._stub.StreamWAL(request)
         queue: asyncio.Queue[rpb.WALStreamResponse | BaseException] = asyncio.Queue(QUEUE_MAX)
         stream = _Stream(call, asyncio.create_task(_pump(call, queue)), queue)
         self._stream = stream
@@ -231,7 +237,6 @@ class ReplicaDriver:
         stream = self._stream
         if stream is None:
             return self.core.on_ack_sent()  # the connection is gone; positions go next time
-        stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         ack = rpb.Ack(
             acknowledged_up_to=action.applied,
             received_sequence=action.received,
@@ -242,22 +247,20 @@ class ReplicaDriver:
         # Sent in the background: waiting for the primary's answer would stall the pipeline by a
         # round trip per frame. A lost ack is harmless (the next one carries newer positions); a
         # broken link shows up on the stream itself.
-        metadata = (("session-id", stream.session_id),)
-        task = asyncio.create_task(self._send_ack(stub, ack, metadata))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        self._ack_next = (ack, (("session-id", stream.session_id),))
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._send_acks())
         return self.core.on_ack_sent()
 
-    async def _send_ack(
-        self,
-        stub: rpb_grpc.WALReplicationServiceStub,
-        ack: rpb.Ack,
-        metadata: tuple[tuple[str, str], ...],
-    ) -> None:
-        try:
-            await stub.Acknowledge(ack, metadata=metadata, timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError as err:
-            log.info("acknowledge to %s failed: %s", self.primary, _describe(err))
+    async def _send_acks(self) -> None:
+        assert self._stub is not None
+        while self._ack_next is not None:
+            ack, metadata = self._ack_next
+            self._ack_next = None
+            try:
+                await self._stub.Acknowledge(ack, metadata=metadata, timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as err:
+                log.info("acknowledge to %s failed: %s", self.primary, _describe(err))
 
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
