@@ -15,8 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ from kevo.client import Client  # noqa: E402
 from kevo.models import BatchOperation  # noqa: E402
 from kevo.options import ClientOptions  # noqa: E402
 
+from kevo_repl.localnode import free_port, start_node  # noqa: E402
 from kevo_repl.store import LmdbStore  # noqa: E402
 from kevo_repl.wal import WAL, Entry, Op, SyncMode, WalOptions  # noqa: E402
 
@@ -43,12 +42,6 @@ def rate(n: int, fn: Callable[[], None]) -> float:
     started = time.perf_counter()
     fn()
     return n / (time.perf_counter() - started)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wal_rate(root: str, n: int) -> float:
@@ -76,24 +69,6 @@ def store_rate(root: str, n: int, ordered: bool) -> float:
             store.checkpoint()
 
         return rate(n, run)
-
-
-def start_node(root: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", f"{root}/node"]
-    cmd += ["--listen", addr, "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, env=env)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, addr
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("node did not start")
 
 
 def sdk_rates(addr: str, puts: int, batches: int) -> dict[str, float]:
@@ -157,7 +132,8 @@ def main() -> int:
         rows.append(("store apply, keys in order", store_rate(root, n_store, ordered=True)))
         random_rate = store_rate(root, n_store, ordered=False)
         rows.append(("store apply, random keys", random_rate))
-        proc, addr = start_node(root)
+        addr = f"127.0.0.1:{free_port()}"
+        proc = start_node(f"{root}/node", addr)
         try:
             sdk = sdk_rates(addr, puts, batches)
         finally:

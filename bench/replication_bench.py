@@ -23,7 +23,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,13 +36,14 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
+from kevo_repl.localnode import free_port, start_node  # noqa: E402
 from kevo_repl.node.engine import Engine, WalOpener  # noqa: E402
 from kevo_repl.proto import replication_pb2 as rpb  # noqa: E402
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc  # noqa: E402
 from kevo_repl.proto import service_pb2 as pb  # noqa: E402
 from kevo_repl.proto import service_pb2_grpc as pb_grpc  # noqa: E402
 from kevo_repl.repl.frames import Codec, encode_frame  # noqa: E402
-from kevo_repl.repl.primary import StreamLimits, _take  # noqa: E402
+from kevo_repl.repl.primary import StreamLimits, take_units  # noqa: E402
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore  # noqa: E402
 from kevo_repl.wal import WAL, Op, RetentionPolicy, SyncMode, WalOptions  # noqa: E402
 
@@ -55,12 +55,6 @@ def value(i: int) -> bytes:
         1_732_500_000 + i,
     )
     return v.ljust(100, b" ")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def build_wal(data_dir: str, n: int) -> None:
@@ -97,21 +91,13 @@ def wire_bytes(data_dir: str) -> dict[str, tuple[int, int]]:
             raw = sent = 0
             seq = 1
             while seq <= wal.last_seq:
-                units = _take(wal.units_from(seq), limits)
+                units = take_units(wal.units_from(seq, raw=True), limits)
                 frame = encode_frame(units, codec)
                 raw += frame.raw_len
                 sent += len(frame.payload)
                 seq = frame.last_seq + 1
             out[codec.name.lower()] = (raw, sent)
     return out
-
-
-def start_node(data_dir: str, addr: str, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
-    proc = subprocess.Popen([*cmd, "--log-level", "warning", *extra])
-    with grpc.insecure_channel(addr) as channel:
-        grpc.channel_ready_future(channel).result(timeout=60)
-    return proc
 
 
 def compact(addr: str) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from kevo_repl import __version__, walcli
 from kevo_repl.config import NodeConfig
-from kevo_repl.errors import ConfigError, KevoReplError, WalLockedError
+from kevo_repl.errors import ConfigError, KevoReplError, ListenError, WalLockedError
 from kevo_repl.store import StoreLockedError
 
 EXIT_USAGE = 2
@@ -127,9 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_IN_USE
     except KevoReplError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_LISTEN if type(err).__name__ == "ListenError" else 1
+        return EXIT_LISTEN if isinstance(err, ListenError) else 1
     except BrokenPipeError:  # `kevo-repl wal dump ... | head`
         return 0
+    except KeyboardInterrupt:  # ^C in `status --watch` or before a node's loop is running
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import time
 import grpc
 
 from kevo_repl import walcli
+from kevo_repl.localnode import free_port, start_node
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
@@ -71,13 +71,13 @@ async def _writers(wal: WAL, tasks: int, each: int) -> None:
 def run_cluster_demo(directory: str | None) -> int:
     """A primary and two replicas on loopback: writes replicate, a killed replica catches up."""
     directory = directory or tempfile.mkdtemp(prefix="kevo-repl-demo-")
-    addrs = [f"127.0.0.1:{_free_port()}" for _ in range(3)]
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     primary = addrs[0]
     print(f"data in {directory}")
-    nodes = [_start_node(os.path.join(directory, "primary"), primary, "--role", "primary")]
+    nodes = [start_node(os.path.join(directory, "primary"), primary, "--role", "primary")]
     for i, addr in enumerate(addrs[1:], 1):
         data = os.path.join(directory, f"replica{i}")
-        nodes.append(_start_node(data, addr, "--role", "replica", "--primary", primary))
+        nodes.append(start_node(data, addr, "--role", "replica", "--primary", primary))
     print(f"primary {primary}, replicas {addrs[1]} and {addrs[2]}")
     try:
         return _cluster_story(directory, addrs, nodes)
@@ -99,7 +99,7 @@ def _cluster_story(directory: str, addrs: list[str], nodes: list[subprocess.Pope
     nodes[2].wait(10)
     print(f"killed replica {addrs[2]} with SIGKILL; writing 1000 more keys while it is down")
     _write(primary, "late", 1000)
-    nodes[2] = _start_node(
+    nodes[2] = start_node(
         os.path.join(directory, "replica2"), addrs[2], "--role", "replica", "--primary", primary
     )
     print(f"restarted replica {addrs[2]}: it resumes from its own WAL's position")
@@ -161,22 +161,3 @@ def _show_redirect(replica: str) -> None:
             stub.Put(pb.PutRequest(key=b"nope", value=b"x"), timeout=10)
         except grpc.RpcError as err:
             print(f"a write to replica {replica} is refused: {err.code().name}: {err.details()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_node(data: str, addr: str, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data, "--listen", addr]
-    cmd += extra
-    node = subprocess.Popen([*cmd, "--log-level", "warning"])
-    with grpc.insecure_channel(addr) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=20)
-        except grpc.FutureTimeoutError:
-            node.kill()
-            raise SystemExit(f"the node did not start on {addr}") from None
-    return node

@@ -12,6 +12,10 @@ class KevoReplError(Exception):
     """Root of every error kevo-repl raises deliberately."""
 
 
+class ListenError(KevoReplError):
+    """A server could not bind its address (in use, or not available)."""
+
+
 class InvalidArgumentError(KevoReplError):
     """A caller passed something malformed or out of bounds."""
 
@@ -37,16 +41,6 @@ class CorruptionError(WalError):
 
     def __init__(self, path: str, offset: int, reason: str) -> None:
         super().__init__(f"{path}: corrupt WAL at offset {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-
-class TornTailError(WalError):
-    """The last segment ends in a partly written unit (a crash mid-append); `wal repair` cuts it."""
-
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: torn tail at offset {offset}: {reason}")
         self.path = path
         self.offset = offset
         self.reason = reason

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kevo_repl.errors import InvalidArgumentError, KevoReplError, WalError
+from kevo_repl.errors import InvalidArgumentError, KevoReplError
 from kevo_repl.store.base import Store
 from kevo_repl.wal import WAL, Entry, Op, RetentionPolicy, SyncMode, WalOptions
 from kevo_repl.wal.codec import BatchForm, Unit
@@ -62,10 +62,10 @@ class Limits:
                 f"value too large: {len(value)} bytes, the limit is {self.value_bytes_max}"
             )
 
-    def check_ops(self, ops: Sequence[WriteOp], what: str = "batch") -> None:
+    def check_ops(self, ops: Sequence[WriteOp]) -> None:
         if len(ops) > self.batch_ops_max:
             raise InvalidArgumentError(
-                f"{what} size exceeds maximum allowed ({self.batch_ops_max}): {len(ops)} operations"
+                f"batch size exceeds maximum allowed ({self.batch_ops_max}): {len(ops)} operations"
             )
         for _, key, value in ops:
             self.check_key(key)
@@ -177,7 +177,7 @@ class Engine:
             tuple(Entry(start + i, op, k, v) for i, (op, k, v) in enumerate(ops)),
             -1,
             0,
-            _BATCH,
+            BatchForm.SEED_HEADER,
             start,
             start + len(ops) - 1,
         )
@@ -186,7 +186,7 @@ class Engine:
 
     async def _write_one(self, op: Op, key: bytes, value: bytes, sync: bool) -> int:
         seq = self.wal.append_nowait(op, key, value)
-        self._pending.append(Unit((Entry(seq, op, key, value),), -1, 0, _SINGLE, seq, seq))
+        self._pending.append(Unit((Entry(seq, op, key, value),), -1, 0, BatchForm.SINGLE, seq, seq))
         return await self._settle(seq, sync)
 
     async def _settle(self, seq: int, sync: bool) -> int:
@@ -213,7 +213,9 @@ class Engine:
                 except BaseException:
                     # Put them back in front: a failed apply is retried, never skipped.
                     self._pending.extendleft(
-                        reversed([Unit((e,), -1, 0, _SINGLE, e.seq, e.seq) for e in entries])
+                        reversed(
+                            [Unit((e,), -1, 0, BatchForm.SINGLE, e.seq, e.seq) for e in entries]
+                        )
                     )
                     raise
 
@@ -256,9 +258,3 @@ class WalOpener:
 
     def __call__(self, next_seq_floor: int) -> WAL:
         return WAL.open(self.directory, self.options, next_seq_floor=next_seq_floor)
-
-
-_SINGLE = BatchForm.SINGLE
-_BATCH = BatchForm.SEED_HEADER
-
-__all__ = ["Engine", "Limits", "RecoveryError", "WalError", "WalOpener"]

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kevo_repl import __version__, fsutil
 from kevo_repl.config import NodeConfig
-from kevo_repl.errors import KevoReplError
+from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
 from kevo_repl.node.service import Counters, KevoService, Role
 from kevo_repl.node.transactions import TxRegistry
@@ -50,10 +50,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
     ("grpc.so_reuseport", 0),  # a second node on the same port must fail, not share it
 ]
-
-
-class ListenError(KevoReplError):
-    """The gRPC server could not bind its address."""
 
 
 def open_engine(config: NodeConfig) -> Engine:

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -97,6 +97,16 @@ class Counters:
         stat[3] = max(stat[3], took)
 
 
+async def _abort(
+    service: KevoService, name: str, err: KevoReplError, context: grpc.aio.ServicerContext
+) -> NoReturn:
+    """The one place a handler's error becomes a status (and is counted)."""
+    service.counters.errors[name] += 1
+    code, message = _status_for(err)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # it raises; this keeps the types honest
+
+
 def unary(name: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """Count, time and translate errors for one unary handler."""
 
@@ -107,9 +117,7 @@ def unary(name: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Aw
             try:
                 result = await fn(self, request, context)
             except KevoReplError as err:
-                self.counters.errors[name] += 1
-                code, message = _status_for(err)
-                await context.abort(code, message)
+                await _abort(self, name, err, context)
             self.counters.observe(name, started)
             return result
 
@@ -131,9 +139,7 @@ def streaming(
                 async for item in fn(self, request, context):
                     yield item
             except KevoReplError as err:
-                self.counters.errors[name] += 1
-                code, message = _status_for(err)
-                await context.abort(code, message)
+                await _abort(self, name, err, context)
             self.counters.observe(name, started)
 
         return handler

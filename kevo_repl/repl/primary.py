@@ -59,7 +59,6 @@ class Session:
     received_seq: int = 0
     flushed_seq: int = 0
     applied_seq: int = 0
-    last_ack: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rewind_to: int = 0  # a Kevo client's Nack: resend from here
 
@@ -252,7 +251,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self, session: Session, next_seq: int, durable: int
     ) -> list[tuple[rpb.WALStreamResponse, int]]:
         """Up to one frame (or one Kevo response) of units from `next_seq` (worker thread)."""
-        units = _take(self.wal.units_from(next_seq, max_seq=durable, raw=True), self.limits)
+        units = take_units(self.wal.units_from(next_seq, max_seq=durable, raw=True), self.limits)
         if not units:
             return []
         if session.frames:
@@ -261,12 +260,9 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         return self._kevo_responses(units, next_seq)
 
     def _frame_response(self, frame: Frame) -> rpb.WALStreamResponse:
-        return rpb.WALStreamResponse(
-            frame=to_message(frame),
-            primary_durable_sequence=self.wal.durable_seq,
-            primary_time_unix_ms=int(time.time() * 1000),
-            primary_client_address=self.client_address,
-        )
+        response = self._heartbeat()
+        response.frame.CopyFrom(to_message(frame))
+        return response
 
     def _kevo_responses(
         self, units: list[Unit], next_seq: int
@@ -305,7 +301,6 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         session.received_seq = max(session.received_seq, request.received_sequence or applied)
         session.flushed_seq = max(session.flushed_seq, request.flushed_sequence or applied)
         session.applied_seq = max(session.applied_seq, applied)
-        session.last_ack = time.time()
         return rpb.AckResponse(success=True)
 
     async def NegativeAcknowledge(
@@ -334,7 +329,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         return None
 
 
-def _take(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
+def take_units(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
     """Whole units up to the frame limits (the first unit is always taken, however large)."""
     taken: list[Unit] = []
     size = entries = 0

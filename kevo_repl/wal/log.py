@@ -141,7 +141,6 @@ class WAL:
         self._durable_seq = 0
         self._active_durable = False  # the active segment holds at least one durable unit
         self._unsynced_bytes = 0
-        self._last_sync = time.monotonic()
         self._holds: dict[str, int] = {}
         self._closed = False
         self._failed: BaseException | None = None
@@ -626,7 +625,6 @@ class WAL:
                 if target > self._durable_seq:
                     self._durable_seq = target
                     self._active_durable = self._active_durable or target >= self._active_first()
-                self._last_sync = time.monotonic()
                 retired, self._retired_fds = self._retired_fds, []
                 if self._hub.observers:
                     self._hub.publish("sync", self._durable_seq)
@@ -681,9 +679,12 @@ class WAL:
 
     def _resolve_waiters(self, error: BaseException | None) -> None:
         durable = self._durable_seq
+        done: list[_AsyncWaiter] = []
+        keep: list[_AsyncWaiter] = []
         with self._waiters_lock:
-            done = [w for w in self._waiters if error is not None or w.seq <= durable]
-            self._waiters = [w for w in self._waiters if w not in done] if done else self._waiters
+            for w in self._waiters:
+                (done if error is not None or w.seq <= durable else keep).append(w)
+            self._waiters = keep
         by_loop: dict[asyncio.AbstractEventLoop, list[_AsyncWaiter]] = {}
         for w in done:
             by_loop.setdefault(w.loop, []).append(w)

@@ -41,7 +41,6 @@ class ObserverHub:
         self._missed = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.dropped = 0
 
     def add(self, observer: WalObserver) -> None:
         with self._lock:
@@ -61,7 +60,6 @@ class ObserverHub:
             self._queue.put_nowait((kind, a, b))
         except queue.Full:
             self._missed = True
-            self.dropped += 1
 
     def close(self, timeout_s: float = 5.0) -> None:
         with self._lock:

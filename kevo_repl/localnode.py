@@ -1,0 +1,43 @@
+"""Start `kevo-repl serve` subprocesses on 127.0.0.1: shared by the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from kevo_repl.errors import KevoReplError
+
+# The directory holding the kevo_repl package, so a child finds the same code (installed or not).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class NodeStartError(KevoReplError):
+    """A node subprocess did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_node(
+    data_dir: str, addr: str, *extra: str, timeout_s: float = 60.0
+) -> subprocess.Popen[bytes]:
+    """`kevo-repl serve --data-dir DATA --listen ADDR EXTRA...`, returned once it accepts calls."""
+    cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
+    env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT}
+    node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env)
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            node.kill()
+            node.wait()
+            raise NodeStartError(f"the node did not start on {addr} within {timeout_s}s") from None
+    return node
