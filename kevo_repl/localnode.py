@@ -26,6 +26,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_READY_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 50),
+]
+
+
 def start_node(
     data_dir: str, addr: str, *extra: str, timeout_s: float = 60.0
 ) -> subprocess.Popen[bytes]:
@@ -33,7 +40,9 @@ def start_node(
     cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
     env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT}
     node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env)
-    with grpc.insecure_channel(addr) as channel:
+    # Retry the connection every 50 ms: gRPC's default first backoff of 1 s would report the
+    # node ready up to a second late (and skew timings taken from this moment).
+    with grpc.insecure_channel(addr, options=_READY_OPTIONS) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:

@@ -451,3 +451,31 @@ def test_lmdb_close_waits_for_running_reads(tmp_path: Path) -> None:
         t.join(5)
     assert errors == []
     assert not any(t.is_alive() for t in threads)
+
+
+def test_lmdb_checkpoint_does_not_stall_applies(tmp_path: Path) -> None:
+    """An msync of a large map takes long; applies must go on meanwhile (replication lag)."""
+    store = LmdbStore.open(str(tmp_path), map_size_bytes=TEST_MAP_SIZE_BYTES)
+    store.apply([Entry(1, Op.PUT, b"a", b"1")], 1)
+    release = threading.Event()
+    real_env = store._env
+
+    class SlowSyncEnv:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_env, name)
+
+        def sync(self, force: bool = False) -> None:
+            assert release.wait(10), "the apply never ran while the checkpoint was syncing"
+            real_env.sync(force)
+
+    store._env = SlowSyncEnv()  # type: ignore[assignment]
+    result: list[int] = []
+    checkpoint = threading.Thread(target=lambda: result.append(store.checkpoint()))
+    checkpoint.start()
+    store.apply([Entry(2, Op.PUT, b"b", b"2")], 2)  # blocks here if the checkpoint held a lock
+    release.set()
+    checkpoint.join(10)
+    assert result == [1]  # durable as of the start of the sync, never ahead of it
+    assert store.durable_seq() == 1 and store.applied_seq() == 2
+    store._env = real_env
+    store.close()

@@ -87,3 +87,20 @@ def test_units_read_raw_frame_to_the_same_bytes(tmp_path: Path) -> None:
     assert [u.entries for u in raw_units] == [u.entries for u in plain]
     assert encode_units(raw_units) == encode_units(plain)  # the primary ships the same bytes
     src.close()
+
+
+def test_raw_copy_indexes_every_position_and_refuses_a_gap_whole(tmp_path: Path) -> None:
+    """Runs of raw units are written in one copy: the sparse index must still find every seq."""
+    from kevo_repl.repl.frames import Codec, decode_frame_raw, encode_frame
+
+    src = _source(tmp_path / "src")
+    raw, decoded = decode_frame_raw(encode_frame(list(src.units_from(1)), Codec.NONE))
+    opts = WalOptions(sync_mode=SyncMode.NONE, segment_bytes_max=4096, index_every_bytes=64)
+    with WAL.open(str(tmp_path / "dst"), opts) as dst:
+        with pytest.raises(InvalidArgumentError, match="does not continue"):
+            dst.append_units_nowait([decoded[0], decoded[2]], raw)
+        assert dst.last_seq == 0  # nothing of the refused call was written
+        dst.append_units_nowait(decoded, raw)
+        for seq in range(1, src.last_seq + 1):
+            assert next(dst.entries_from(seq)) == next(src.entries_from(seq))
+    src.close()

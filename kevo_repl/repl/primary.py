@@ -212,6 +212,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     ) -> AsyncIterator[rpb.WALStreamResponse]:
         next_seq = start
         last_sent_at = 0.0
+        behind = True  # the last frame stopped at a limit, not at the durable end: more is ready
         while True:
             if session.rewind_to:
                 next_seq, session.rewind_to = session.rewind_to, 0
@@ -220,8 +221,10 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 if not await self._wait_for_more(session, next_seq):
                     yield self._heartbeat()
                 continue
-            if time.monotonic() - last_sent_at < self.limits.linger_s:
-                await asyncio.sleep(self.limits.linger_s)  # let a burst gather into one frame
+            if not behind and time.monotonic() - last_sent_at < self.limits.linger_s:
+                # Caught up and writes are arriving close together: let them gather into one
+                # frame. Never while catching up, where a full frame is ready at once.
+                await asyncio.sleep(self.limits.linger_s)
                 durable = self.wal.durable_seq
             try:
                 responses = await asyncio.to_thread(self._read, session, next_seq, durable)
@@ -235,6 +238,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 session.sent_seq = last
                 next_seq = last + 1
             last_sent_at = time.monotonic()
+            behind = next_seq <= durable
 
     async def _wait_for_more(self, session: Session, next_seq: int) -> bool:
         """Wait until the WAL is durable at `next_seq`; False after a quiet heartbeat interval."""

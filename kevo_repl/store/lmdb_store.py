@@ -56,8 +56,11 @@ class LmdbStore:
         self._sync_each_txn = sync_each_txn
         self._data = env.open_db(b"data")
         self._meta = env.open_db(b"meta")
-        # One writer at a time; _applied and _durable only change while it is held.
+        # One writer at a time; _applied only changes while it is held.
         self._write_lock = threading.Lock()
+        # One checkpoint at a time, apart from the writer: an msync of a large map takes long
+        # and must not stall applies (mdb_env_sync is safe beside a write transaction).
+        self._checkpoint_lock = threading.Lock()
         # Counts calls inside LMDB so close() can wait for them: closing the environment under a
         # running call would unmap memory that call is reading.
         self._users = threading.Condition()
@@ -152,7 +155,9 @@ class LmdbStore:
             return StoreStats(key_count=count, size_bytes=pages * txn.stat()["psize"])
 
     def checkpoint(self) -> int:
-        with self._write_lock, self._using():
+        with self._checkpoint_lock, self._using():
+            # Every transaction up to `seq` has committed into the map before the sync starts,
+            # so the sync covers it; later ones may be flushed too, which is harmless.
             seq = self._applied
             self._env.sync(True)
             self._durable = seq

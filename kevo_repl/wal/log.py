@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import enum
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -403,23 +404,68 @@ class WAL:
         return self._append_units(units, raw)
 
     def _append_units(self, units: Sequence[Unit], raw: bytes | None = None) -> int:
-        view = memoryview(raw) if raw is not None else None
         with self._lock:
             self._check_writable()
-            for unit in units:
-                if unit.first_seq != self._next_seq:
+            expected = self._next_seq
+            for unit in units:  # all or nothing: a gap anywhere refuses the whole call
+                if unit.first_seq != expected:
                     raise InvalidArgumentError(
                         f"unit starting at sequence {unit.first_seq} does not continue the WAL "
-                        f"(next is {self._next_seq})"
+                        f"(next is {expected})"
                     )
-                if view is not None:
-                    data: bytes | memoryview = view[unit.offset : unit.offset + unit.length]
-                else:
-                    data = _encode_unit(unit)
-                self._write_unit_locked(data, unit.first_seq)
-                self._next_seq = unit.last_seq + 1
-                self._last_seq = unit.last_seq
+                expected = unit.last_seq + 1
+            if raw is None:
+                for unit in units:
+                    self._write_unit_locked(_encode_unit(unit), unit.first_seq)
+            else:
+                self._write_raw_units_locked(units, memoryview(raw))
+            if units:
+                self._next_seq = expected
+                self._last_seq = expected - 1
             return self._last_seq
+
+    def _write_raw_units_locked(self, units: Sequence[Unit], view: memoryview) -> None:
+        """Units laid end to end in `view`: each run that fits the active segment is one copy.
+
+        A replica appends thousands of units per frame; one buffer copy per run instead of one
+        per unit is most of its WAL write cost.
+        """
+        i, count = 0, len(units)
+        while i < count:
+            j = self._write_run_locked(units, i, view)
+            if j == i:  # the unit needs a new segment, or is over the limit: the general path
+                unit = units[i]
+                data = view[unit.offset : unit.offset + unit.length]
+                self._write_unit_locked(data, unit.first_seq)
+                j = i + 1
+            i = j
+
+    def _write_run_locked(self, units: Sequence[Unit], i: int, view: memoryview) -> int:
+        """Write units[i:j] into the active segment as one slice; returns j (i if none fit)."""
+        seg = self._segments[-1] if self._segments else None
+        if seg is None:
+            return i
+        seg_max, every = self.options.segment_bytes_max, self._index_every
+        start = units[i].offset
+        size, last_index = seg.size, seg.last_index_offset
+        j = i
+        for unit in itertools.islice(units, i, None):
+            n = unit.length
+            if n > MAX_UNIT_BYTES or size + n > seg_max or unit.offset != start + size - seg.size:
+                break
+            if size - last_index >= every:
+                seg.index.append((unit.first_seq, size))
+                last_index = size
+            size += n
+            j += 1
+        if j > i:
+            run = size - seg.size
+            self._buf += view[start : start + run]
+            seg.size, seg.last_index_offset = size, last_index
+            self._unsynced_bytes += run
+            if len(self._buf) >= self.options.buffer_bytes:
+                self._flush_locked()
+        return j
 
     def add_sync_listener(self, listener: Callable[[int], None]) -> None:
         """Call `listener(durable_seq)` after every fsync round, on the thread that synced.
