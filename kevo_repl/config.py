@@ -30,6 +30,13 @@ class NodeConfig:
     role: str = "standalone"  # standalone | primary | replica
     primary: str = ""  # replica: the primary's HOST:PORT (its node port)
     advertise: str = ""  # the KevoService address clients should use (default: listen)
+    replication_listen: str = ""  # serve replication on this HOST:PORT instead of `listen`
+    replication_window_bytes: int = 16 * 1024 * 1024  # primary: newest WAL kept in memory
+    replication_frame_bytes: int = 256 * 1024  # primary: raw bytes per frame, at most
+    replication_linger_ms: float = 2.0  # primary: gather closely following writes for this long
+    replication_zstd_level: int = 1  # primary: 1 (fast) .. 22 (small)
+    replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first
+    max_replicas: int = 16  # primary: concurrent replication streams
     log_level: str = "info"
 
     @property
@@ -39,7 +46,17 @@ class NodeConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_POSITIVE = {"sync_bytes", "sync_interval_ms", "segment_bytes", "checkpoint_interval_ms"}
+_POSITIVE = {
+    "sync_bytes",
+    "sync_interval_ms",
+    "segment_bytes",
+    "checkpoint_interval_ms",
+    "replication_window_bytes",
+    "max_replicas",
+}
+CODECS = ("zstd", "snappy", "none")
+FRAME_BYTES_MIN = 4096
+FRAME_BYTES_MAX = 64 * 1024 * 1024
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -101,6 +118,34 @@ def _validate(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: primary is only for role replica")
     if config.advertise:
         parse_address(config.advertise, f"{source}: advertise")
+    _validate_replication(config, source)
+
+
+def _validate_replication(config: NodeConfig, source: str) -> None:
+    if config.replication_listen:
+        if config.role == "standalone":
+            raise ConfigError(f"{source}: replication_listen is only for role primary or replica")
+        parse_address(config.replication_listen, f"{source}: replication_listen")
+        if config.replication_listen == config.listen:
+            raise ConfigError(f"{source}: replication_listen must differ from listen")
+    if not FRAME_BYTES_MIN <= config.replication_frame_bytes <= FRAME_BYTES_MAX:
+        raise ConfigError(
+            f"{source}: replication_frame_bytes must be in {FRAME_BYTES_MIN}..{FRAME_BYTES_MAX}"
+        )
+    if not 0 <= config.replication_linger_ms <= 1000:
+        raise ConfigError(f"{source}: replication_linger_ms must be in 0..1000")
+    if not 1 <= config.replication_zstd_level <= 22:
+        raise ConfigError(f"{source}: replication_zstd_level must be in 1..22")
+    codecs = replication_codecs(config)
+    if not codecs or any(c not in CODECS for c in codecs) or len(set(codecs)) != len(codecs):
+        raise ConfigError(
+            f"{source}: replication_codecs must list some of {', '.join(CODECS)} once each, "
+            f"got {config.replication_codecs!r}"
+        )
+
+
+def replication_codecs(config: NodeConfig) -> list[str]:
+    return [c.strip().lower() for c in config.replication_codecs.split(",") if c.strip()]
 
 
 def parse_address(text: str, what: str) -> tuple[str, int]:

@@ -33,6 +33,23 @@ def test_example_config_is_valid_and_complete() -> None:
         ({"data_dir": "d", "checkpoint_interval_ms": 0}, "checkpoint_interval_ms must be positive"),
         ({"data_dir": "d", "listen": "nohost"}, "expected HOST:PORT"),
         ({"data_dir": "d", "listen": "h:99999"}, "expected HOST:PORT"),
+        (
+            {"data_dir": "d", "replication_listen": "h:1"},
+            "replication_listen is only for role primary or replica",
+        ),
+        (
+            {"data_dir": "d", "role": "primary", "replication_listen": "127.0.0.1:50051"},
+            "replication_listen must differ from listen",
+        ),
+        ({"data_dir": "d", "role": "primary", "replication_listen": "x"}, "expected HOST:PORT"),
+        ({"data_dir": "d", "replication_frame_bytes": 10}, "replication_frame_bytes must be in"),
+        ({"data_dir": "d", "replication_linger_ms": -1}, "replication_linger_ms must be in"),
+        ({"data_dir": "d", "replication_zstd_level": 0}, "replication_zstd_level must be in 1..22"),
+        ({"data_dir": "d", "replication_codecs": "zstd,lz4"}, "replication_codecs must list"),
+        ({"data_dir": "d", "replication_codecs": "zstd,zstd"}, "replication_codecs must list"),
+        ({"data_dir": "d", "replication_codecs": " , "}, "replication_codecs must list"),
+        ({"data_dir": "d", "replication_window_bytes": 0}, "must be positive"),
+        ({"data_dir": "d", "max_replicas": 0}, "max_replicas must be positive"),
     ],
 )
 def test_bad_settings_are_named(values: dict[str, object], message: str) -> None:

@@ -414,7 +414,7 @@ def test_encode_frame_respects_the_raw_limit(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(frames, "FRAME_RAW_BYTES_MAX", unit.length)
     assert encode_frame([unit], Codec.NONE).raw_len == unit.length
     monkeypatch.setattr(frames, "FRAME_RAW_BYTES_MAX", unit.length - 1)
-    with pytest.raises(InvalidArgumentError, match=rf"{unit.length} raw bytes exceeds"):
+    with pytest.raises(InvalidArgumentError, match=rf"{unit.length} raw bytes is outside"):
         encode_frame([unit], Codec.NONE)
 
 

@@ -28,16 +28,25 @@ LIMITS = StreamLimits(frame_bytes_max=4096, heartbeat_s=0.2)
 
 @asynccontextmanager
 async def primary(wal: WAL) -> AsyncIterator[rpb_grpc.WALReplicationServiceStub]:
+    async with primary_with(wal, LIMITS) as (stub, _):
+        yield stub
+
+
+@asynccontextmanager
+async def primary_with(
+    wal: WAL, limits: StreamLimits
+) -> AsyncIterator[tuple[rpb_grpc.WALReplicationServiceStub, Sessions]]:
     sessions = Sessions(wal)
     sessions.attach(asyncio.get_running_loop())
     server = grpc.aio.server()
-    service = ReplicationService(wal, sessions, "127.0.0.1:9", LIMITS)
+    service = ReplicationService(wal, sessions, "127.0.0.1:9", limits)
     rpb_grpc.add_WALReplicationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+            stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+            yield stub, sessions
     finally:
         await server.stop(None)
 
@@ -50,9 +59,10 @@ def _fill(wal: WAL, n: int, start: int = 0) -> None:
             wal.append(Op.PUT, b"k%d" % i, b"v" * (i % 70))
 
 
-def _run(wal_dir: Path, scenario: Callable[[WAL], Awaitable[None]]) -> None:
+def _run(wal_dir: Path, scenario: Callable[[WAL], Awaitable[None]], window: int = 0) -> None:
     async def main() -> None:
-        wal = WAL.open(str(wal_dir), WalOptions(sync_mode=SyncMode.IMMEDIATE))
+        options = WalOptions(sync_mode=SyncMode.IMMEDIATE, tail_window_bytes=window)
+        wal = WAL.open(str(wal_dir), options)
         try:
             await scenario(wal)
         finally:
@@ -191,3 +201,47 @@ def test_frame_message_round_trip_and_unknown_codec(tmp_path: Path) -> None:
     message.codec = 7  # type: ignore[assignment]  # what a future or broken peer might send
     with pytest.raises(FrameError, match="unknown codec 7"):
         decode_frame(from_message(message))
+
+
+def test_stream_moves_from_segments_to_the_tail_window_without_gap(tmp_path: Path) -> None:
+    """Behind the window: frames from the segments; then from memory, seamlessly."""
+
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 200)  # far more than the 2 KiB window holds
+        assert wal.tail_take(1, wal.last_seq, 4096, 100) is None
+        async with primary_with(wal, LIMITS) as (stub, sessions):
+            call = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            seen: list[int] = []
+            sources: list[bool] = []
+            async for response in call:
+                if not response.HasField("frame"):
+                    continue
+                seen += [e.seq for u in decode_frame(_frame(response)) for e in u.entries]
+                sources.append(sessions.all()[0].live)
+                if seen[-1] == wal.last_seq and wal.last_seq < 320:
+                    _fill(wal, 30, start=wal.last_seq)  # written while the replica is caught up
+                if seen[-1] >= 320 and seen[-1] == wal.last_seq:
+                    break
+            call.cancel()
+        assert seen == list(range(1, wal.last_seq + 1))  # no gap, no duplicate
+        assert not sources[0]  # behind the window: from the segments
+        assert sources[-5:] == [True] * 5  # the live tail: from memory
+
+    _run(tmp_path, scenario, window=8192)
+
+
+def test_streams_beyond_the_limit_are_refused(tmp_path: Path) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 5)
+        limits = StreamLimits(heartbeat_s=0.2, streams_max=1)
+        async with primary_with(wal, limits) as (stub, _):
+            first = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            assert isinstance(await first.read(), rpb.WALStreamResponse)
+            second = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await second.read()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_replicas" in (info.value.details() or "")
+            first.cancel()
+
+    _run(tmp_path, scenario)

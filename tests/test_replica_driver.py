@@ -176,3 +176,46 @@ def test_a_slow_primary_never_has_more_than_one_ack_in_flight(tmp_path: Path) ->
     assert primary.acks and primary.acks[-1] == 30  # the newest positions always get through
     assert primary.most_in_flight == 1
     assert len(primary.acks) < 10  # ten frames applied, older waiting acks were replaced
+
+
+def test_waiting_frames_merge_until_anything_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames already queued are applied as one; a heartbeat or a gap is held, in order."""
+    from kevo_repl.repl import replica
+    from kevo_repl.wal.codec import decode_unit
+
+    units = _units(tmp_path / "source", 30)
+    got = [replica._decode(_response(encode_frame(units[i : i + 5], Codec.ZSTD))) for i in (0, 5)]
+    got += [replica._decode(_response(encode_frame(units[i : i + 5], Codec.NONE))) for i in (10,)]
+    frames = [f for f in got if isinstance(f, replica._Received)]
+    later = [
+        replica._decode(_response(encode_frame(units[i : i + 5], Codec.ZSTD))) for i in (15, 25)
+    ]
+    heartbeat = rpb.WALStreamResponse(primary_durable_sequence=30)
+
+    async def scenario() -> None:
+        queue: asyncio.Queue[replica._Item] = asyncio.Queue()
+        stream = replica._Stream(call=None, reader=None, queue=queue)  # type: ignore[arg-type]
+        for item in (frames[1], frames[2], heartbeat, *later):
+            queue.put_nowait(item)
+        merged = replica._merge_waiting(frames[0], stream)
+        assert [u.first_seq for u in merged.units] == list(range(1, 16))
+        assert [e.seq for e in merged.entries] == list(range(1, 16))
+        assert merged.response is frames[2].response  # the newest frame's positions
+        for raw, part in merged.parts:  # each part's offsets index into its own payload
+            assert [decode_unit(raw, u.offset) for u in part] == [u._replace(raw=b"") for u in part]
+        assert stream.held is heartbeat and queue.qsize() == 2
+        stream.held = None
+        first = queue.get_nowait()
+        assert isinstance(first, replica._Received)
+        alone = replica._merge_waiting(first, stream)  # 16..20, then 26..30 does not continue
+        assert alone is first and stream.held is later[1]
+        monkeypatch.setattr(replica, "MERGE_ENTRIES_MAX", 10)
+        stream.held = None
+        for item in frames[1:]:
+            queue.put_nowait(item)
+        capped = replica._merge_waiting(frames[0], stream)
+        assert len(capped.parts) == 2 and queue.qsize() == 1  # 10 entries reached: stop
+
+    asyncio.run(scenario())

@@ -218,3 +218,36 @@ def test_status_of_a_standalone_node(tmp_path: Path) -> None:
     with NodeProcess(tmp_path / "s", free_port()) as node:
         out = run_cli("status", "--addr", node.address)
         assert out.returncode == 0 and out.stdout.startswith("role standalone")
+
+
+def test_replication_on_its_own_port(tmp_path: Path) -> None:
+    """--replication-listen: replicas stream from that port; the node port points to it."""
+    from nodeproc import run_cli
+
+    from kevo_repl.proto import replication_pb2 as rpb
+    from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+
+    repl = f"127.0.0.1:{free_port()}"
+    with ExitStack() as stack:
+        primary = stack.enter_context(
+            NodeProcess(
+                tmp_path / "p", free_port(), "--role", "primary", "--replication-listen", repl
+            )
+        )
+        replica = stack.enter_context(
+            NodeProcess(tmp_path / "r", free_port(), "--role", "replica", "--primary", repl)
+        )
+        _workload(primary, random.Random(6), 80, "port")
+        _wait_converged(primary, replica)
+        stub = rpb_grpc.WALReplicationServiceStub(primary.channel())  # type: ignore[no-untyped-call]
+        call = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True), timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(call))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"replication is served on {repl}" in (info.value.details() or "")
+        out = run_cli("status", "--addr", primary.address)  # status still on the node port
+        assert out.returncode == 0 and "role primary" in out.stdout
+        # Writes refused on the replica name the primary's client port, not its replication port.
+        with pytest.raises(grpc.RpcError) as refused:
+            _stub(replica).Put(pb.PutRequest(key=b"k", value=b"v"), timeout=10)
+        assert f"primary node at {primary.address}" in (refused.value.details() or "")

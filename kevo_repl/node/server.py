@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kevo_repl import __version__, fsutil
-from kevo_repl.config import NodeConfig
+from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
 from kevo_repl.node.service import Counters, KevoService, Role
@@ -28,7 +28,8 @@ from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
-from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits
+from kevo_repl.repl.frames import Codec
+from kevo_repl.repl.primary import ElsewhereService, ReplicationService, Sessions, StreamLimits
 from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
 from kevo_repl.wal import RetentionPolicy, WalOptions
@@ -59,6 +60,7 @@ def open_engine(config: NodeConfig) -> Engine:
         sync_bytes=config.sync_bytes,
         sync_interval_ms=config.sync_interval_ms,
         segment_bytes_max=config.segment_bytes,
+        tail_window_bytes=config.replication_window_bytes if config.role == "primary" else 0,
     )
     opener = WalOpener(os.path.join(config.data_dir, "wal"), wal_options)
     retention = RetentionPolicy(max_total_bytes=config.wal_retain_bytes)
@@ -81,16 +83,43 @@ def node_id(data_dir: str) -> str:
         return ident
 
 
+def stream_limits(config: NodeConfig) -> StreamLimits:
+    return StreamLimits(
+        frame_bytes_max=config.replication_frame_bytes,
+        linger_s=config.replication_linger_ms / 1000,
+        zstd_level=config.replication_zstd_level,
+        streams_max=config.max_replicas,
+    )
+
+
+def _add_replication(
+    service: ReplicationService | ReplicaStatusService,
+    server: grpc.aio.Server,
+    repl_server: grpc.aio.Server,
+    repl_address: str,
+) -> None:
+    """The replication service on its own server, and on the node's a pointer to it."""
+    add = rpb_grpc.add_WALReplicationServiceServicer_to_server
+    add(service, repl_server)  # type: ignore[no-untyped-call]
+    if repl_server is not server:
+        add(ElsewhereService(service, repl_address), server)  # type: ignore[no-untyped-call]
+
+
 def _roles(
-    config: NodeConfig, engine: Engine, server: grpc.aio.Server, advertise: str
+    config: NodeConfig,
+    engine: Engine,
+    servers: tuple[grpc.aio.Server, grpc.aio.Server],
+    advertise: str,
 ) -> tuple[Role, ReplicaDriver | None]:
+    server, repl_server = servers
+    repl_address = config.replication_listen or config.listen
     if config.role == "primary":
         sessions = Sessions(engine.wal)
         sessions.attach(asyncio.get_running_loop())
         service = ReplicationService(
-            engine.wal, sessions, advertise, StreamLimits(), engine.store.applied_seq
+            engine.wal, sessions, advertise, stream_limits(config), engine.store.applied_seq
         )
-        rpb_grpc.add_WALReplicationServiceServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        _add_replication(service, server, repl_server, repl_address)
 
         def replicas() -> list[pb.ReplicaInfo]:
             return [
@@ -106,9 +135,10 @@ def _roles(
         ), None
     if config.role == "replica":
         role = Role("replica", advertise)
-        driver = ReplicaDriver(engine, config.primary, node_id(config.data_dir), advertise, role)
-        status = ReplicaStatusService(driver)
-        rpb_grpc.add_WALReplicationServiceServicer_to_server(status, server)  # type: ignore[no-untyped-call]
+        codecs = [Codec[name.upper()] for name in replication_codecs(config)]
+        node = node_id(config.data_dir)
+        driver = ReplicaDriver(engine, config.primary, node, advertise, role, codecs=codecs)
+        _add_replication(ReplicaStatusService(driver), server, repl_server, repl_address)
         return role, driver
     return Role("standalone", advertise), None
 
@@ -121,15 +151,22 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     counters = Counters()
     registry = TxRegistry(time.monotonic)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    role, driver = _roles(config, engine, server, config.advertise or config.listen)
+    repl_server = grpc.aio.server(options=SERVER_OPTIONS) if config.replication_listen else server
+    servers = (server, repl_server)
+    role, driver = _roles(config, engine, servers, config.advertise or config.listen)
     servicer = KevoService(engine, registry, counters, role)
     add_kevo = service_pb2_grpc.add_KevoServiceServicer_to_server
     add_kevo(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server)
+    for s in _distinct(servers):
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s)
+        enable_reflection(s)
     try:
         port = _bind(server, config.listen)
+        if repl_server is not server:
+            _bind(repl_server, config.replication_listen)
+            await repl_server.start()
+            log.info("replication served on %s", config.replication_listen)
         await server.start()
         for name in ("", KEVO_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -154,12 +191,17 @@ async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
         log.info("stopping: letting in-flight requests finish for up to %.1fs", config.grace_s)
         for name in ("", KEVO_SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(config.grace_s)
+        await asyncio.gather(*(s.stop(config.grace_s) for s in _distinct(servers)))
         await background
     finally:
-        await server.stop(None)
+        for s in _distinct(servers):
+            await s.stop(None)
         await engine.close()
         log.info("stopped; WAL flushed and store checkpointed at %d", engine.wal.durable_seq)
+
+
+def _distinct(servers: tuple[grpc.aio.Server, grpc.aio.Server]) -> list[grpc.aio.Server]:
+    return [servers[0]] if servers[0] is servers[1] else list(servers)
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> int:

@@ -152,20 +152,31 @@ def encode_frame(units: Sequence[Unit], codec: Codec, zstd_level: int = 1) -> Fr
     Raises InvalidArgumentError for anything `decode_frame` would reject.
     """
     _check_units(units)
+    raw = encode_units(units)
+    return encode_raw_frame(units[0].first_seq, units[-1].last_seq, raw, codec, zstd_level)
+
+
+def encode_raw_frame(
+    first_seq: int, last_seq: int, raw: bytes, codec: Codec, zstd_level: int = 1
+) -> Frame:
+    """A frame of `raw`: whole units in the WAL's format, sequences first_seq..last_seq.
+
+    For bytes this node's own WAL wrote (its tail window), so the units are not decoded and
+    checked again here; `decode_frame` on the other side checks everything.
+    """
     if codec not in _CODECS:
         raise InvalidArgumentError(f"unknown codec {codec!r}")
     if not ZSTD_LEVEL_MIN <= zstd_level <= ZSTD_LEVEL_MAX:
         raise InvalidArgumentError(
             f"zstd level {zstd_level} is outside {ZSTD_LEVEL_MIN}..{ZSTD_LEVEL_MAX}"
         )
-    raw = encode_units(units)
-    if len(raw) > FRAME_RAW_BYTES_MAX:
+    if not 1 <= len(raw) <= FRAME_RAW_BYTES_MAX:
         raise InvalidArgumentError(
-            f"frame of {len(raw)} raw bytes exceeds the {FRAME_RAW_BYTES_MAX}-byte limit"
+            f"frame of {len(raw)} raw bytes is outside 1..{FRAME_RAW_BYTES_MAX} bytes"
         )
     codec = Codec(codec)
     payload = _compress(raw, codec, zstd_level)
-    return Frame(units[0].first_seq, units[-1].last_seq, codec, len(raw), zlib.crc32(raw), payload)
+    return Frame(first_seq, last_seq, codec, len(raw), zlib.crc32(raw), payload)
 
 
 def _compress(raw: bytes, codec: Codec, zstd_level: int) -> bytes:

@@ -1,11 +1,20 @@
 """The primary's side of replication: kevo.replication.WALReplicationService over the node's WAL.
 
-A stream ships only what the WAL made durable. It reads units straight from the WAL
-(`units_from`) on a worker thread, one bounded frame at a time, so a slow or stalled replica
-costs the primary at most one frame of memory and never blocks a writer: gRPC flow control holds
-the stream, and the WAL segments on disk are the backlog. When caught up, the stream waits for
-the WAL's sync listener (no polling) or, after `heartbeat_s` of quiet, sends a heartbeat that
-carries the primary's durable position and clock, so the replica can tell lag and a dead link.
+A stream ships only what the WAL made durable, one bounded frame at a time, from one of two
+sources, chosen again for every frame so that moving between them can neither skip nor repeat a
+unit (both answer "whole units from the one holding `next_seq`"):
+
+* live tail: the WAL's in-memory tail window (`WAL.tail_take`) holds the newest units as the
+  bytes written. A caught-up replica is served from it on the event loop: no disk read, no
+  decoding, no thread hop (which cost milliseconds of lag under load);
+* catch-up: a replica behind the window reads units from the segments (`units_from`) on a
+  worker thread.
+
+A slow or stalled replica therefore costs the primary at most one frame of memory and never
+blocks a writer: gRPC flow control holds the stream, the window is shared and bounded, and the
+segments on disk are the backlog. When caught up, the stream waits for the WAL's sync listener
+(no polling) or, after `heartbeat_s` of quiet, sends a heartbeat that carries the primary's
+durable position and clock, so the replica can tell lag and a dead link.
 
 Our replicas ask for frames: whole units in the WAL's record format, compressed as one. A client
 that speaks Kevo's own protocol (no `frames` flag) gets what a Kevo primary sends: per-entry
@@ -22,13 +31,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
 from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl.frames import Codec, Frame, encode_frame
+from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
 from kevo_repl.repl.wire import to_message
 from kevo_repl.wal import WAL, Unit
 from kevo_repl.wal.codec import entry_payload
@@ -36,6 +46,9 @@ from kevo_repl.wal.codec import entry_payload
 log = logging.getLogger(__name__)
 
 KEVO_ENTRIES_PER_RESPONSE = 100  # what a Kevo primary sends at most
+# Frames from the window up to this size are compressed on the event loop (tens of µs); larger
+# ones on a worker thread, so the loop never stalls for a whole 256 KiB compression.
+INLINE_COMPRESS_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +57,8 @@ class StreamLimits:
     frame_entries_max: int = 20_000
     linger_s: float = 0.002  # only while frames follow each other closely
     heartbeat_s: float = 1.0
+    zstd_level: int = 1
+    streams_max: int = 16  # concurrent streams; more are refused with RESOURCE_EXHAUSTED
 
 
 @dataclass(slots=True)
@@ -61,6 +76,7 @@ class Session:
     applied_seq: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rewind_to: int = 0  # a Kevo client's Nack: resend from here
+    live: bool = False  # the last frame came from the tail window
 
 
 class Sessions:
@@ -105,6 +121,7 @@ class Sessions:
             codec=codec,
             frames=request.frames,
             started=time.time(),
+            sent_seq=max(request.start_sequence, 1) - 1,  # what the replica says it has
         )
         self._by_id[session.id] = session
         return session
@@ -161,8 +178,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
 
     def _replica_status(self, s: Session, durable: int, now: float) -> rpb.ReplicaStatus:
         lag = max(0, durable - s.applied_seq)
-        behind_sent = durable - s.sent_seq
-        state = "streaming" if behind_sent <= self.limits.frame_entries_max else "catching up"
+        state = "streaming" if s.live or s.sent_seq >= durable else "catching up"
         return rpb.ReplicaStatus(
             node_id=s.node_id,
             client_address=s.client_address,
@@ -180,6 +196,12 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.WALStreamResponse]:
         start = max(request.start_sequence, 1)
+        if len(self.sessions.all()) >= self.limits.streams_max:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this primary already streams to {self.limits.streams_max} replicas "
+                "(max_replicas); try again later or raise the limit",
+            )
         await self._check_start(start, context)
         codec = choose_codec(request) if request.frames else Codec.NONE
         session = self.sessions.open(request, context.peer(), codec)
@@ -227,7 +249,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 await asyncio.sleep(self.limits.linger_s)
                 durable = self.wal.durable_seq
             try:
-                responses = await asyncio.to_thread(self._read, session, next_seq, durable)
+                responses = await self._next_responses(session, next_seq, durable)
             except SequenceCompactedError as err:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
             if not responses:  # durable but not yet readable: cannot happen, but never spin
@@ -251,17 +273,45 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             return False
         return True
 
+    async def _next_responses(
+        self, session: Session, next_seq: int, durable: int
+    ) -> list[tuple[rpb.WALStreamResponse, int]]:
+        """One frame from the tail window if it holds `next_seq`, else from the segments."""
+        limits = self.limits
+        got = None
+        if session.frames:
+            got = self.wal.tail_take(
+                next_seq, durable, limits.frame_bytes_max, limits.frame_entries_max
+            )
+        session.live = got is not None
+        if got is None:
+            return await asyncio.to_thread(self._read, session, next_seq, durable)
+        args = (got.first_seq, got.last_seq, got.raw, session.codec, limits.zstd_level)
+        if len(got.raw) <= INLINE_COMPRESS_BYTES:
+            frame = encode_raw_frame(*args)
+        else:
+            frame = await asyncio.to_thread(encode_raw_frame, *args)
+        return [(self._frame_response(frame), frame.last_seq)]
+
     def _read(
         self, session: Session, next_seq: int, durable: int
     ) -> list[tuple[rpb.WALStreamResponse, int]]:
-        """Up to one frame (or one Kevo response) of units from `next_seq` (worker thread)."""
-        units = take_units(self.wal.units_from(next_seq, max_seq=durable, raw=True), self.limits)
+        """Up to one frame (or one Kevo response) of units from the segments (worker thread).
+
+        A frame needs only the units' bytes: they are read `light`, without building entries.
+        """
+        units = take_units(
+            self.wal.units_from(next_seq, max_seq=durable, raw=True, light=session.frames),
+            self.limits,
+        )
         if not units:
             return []
-        if session.frames:
-            frame = encode_frame(units, session.codec)
-            return [(self._frame_response(frame), frame.last_seq)]
-        return self._kevo_responses(units, next_seq)
+        if not session.frames:
+            return self._kevo_responses(units, next_seq)
+        raw = b"".join(u.raw for u in units)
+        level = self.limits.zstd_level
+        frame = encode_raw_frame(units[0].first_seq, units[-1].last_seq, raw, session.codec, level)
+        return [(self._frame_response(frame), frame.last_seq)]
 
     def _frame_response(self, frame: Frame) -> rpb.WALStreamResponse:
         response = self._heartbeat()
@@ -341,7 +391,7 @@ def take_units(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
         for unit in units:
             taken.append(unit)
             size += unit.length
-            entries += len(unit.entries)
+            entries += unit.last_seq - unit.first_seq + 1  # `light` units carry no entries
             if size >= limits.frame_bytes_max or entries >= limits.frame_entries_max:
                 break
     finally:
@@ -349,3 +399,43 @@ def take_units(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
         if close is not None:
             close()  # release the segment file the reader holds
     return taken
+
+
+class StatusServicer(Protocol):
+    async def GetReplicationStatus(
+        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ReplicationStatus: ...
+
+
+class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
+    """On the node's port when replication has a port of its own (`replication_listen`).
+
+    Status is answered here too; a stream or an ack is refused with the address to use.
+    """
+
+    def __init__(self, inner: StatusServicer, address: str) -> None:
+        self._inner = inner
+        self._message = f"replication is served on {address}, not on this port"
+
+    async def GetReplicationStatus(
+        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.ReplicationStatus:
+        return await self._inner.GetReplicationStatus(request, context)
+
+    async def StreamWAL(
+        self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.WALStreamResponse]:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        yield rpb.WALStreamResponse()  # never reached: abort raises
+
+    async def Acknowledge(
+        self, request: rpb.Ack, context: grpc.aio.ServicerContext
+    ) -> rpb.AckResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        raise AssertionError("abort raises")
+
+    async def NegativeAcknowledge(
+        self, request: rpb.Nack, context: grpc.aio.ServicerContext
+    ) -> rpb.NackResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        raise AssertionError("abort raises")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -27,7 +28,7 @@ from kevo_repl.node.engine import Engine
 from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl.frames import FrameError, decode_frame_raw
+from kevo_repl.repl.frames import Codec, FrameError, decode_frame_raw
 from kevo_repl.repl.replica_state import (
     Action,
     Apply,
@@ -48,7 +49,13 @@ from kevo_repl.wal import Entry, Unit
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
-QUEUE_MAX = 4  # responses read ahead of the applier: bounds replica memory to a few frames
+# Responses read and decoded ahead of the applier: bounds replica memory to a few frames
+# (256 KiB raw each by default, plus their decoded entries).
+QUEUE_MAX = 10
+# Frames already waiting are applied together, up to this many entries, in one store
+# transaction: a replica that is behind then commits as rarely as a local replay does
+# (per-transaction page copies dominated catch-up with one transaction per frame).
+MERGE_ENTRIES_MAX = 20_000
 RPC_TIMEOUT_S = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -60,10 +67,14 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True, slots=True)
 class _Received:
-    """A frame as the reader task decoded it, ahead of the write/fsync/apply pipeline."""
+    """Frames as the reader task decoded them, ahead of the write/fsync/apply pipeline.
 
-    response: rpb.WALStreamResponse
-    raw: bytes
+    One frame, or several consecutive ones merged (`_merge`): `parts` keeps each frame's raw
+    payload with the units whose offsets index into it, for the WAL write.
+    """
+
+    response: rpb.WALStreamResponse  # the newest frame's (primary clock and position)
+    parts: tuple[tuple[bytes, list[Unit]], ...]
     units: list[Unit]
     entries: list[Entry]  # every entry of `units`, in order
 
@@ -77,6 +88,7 @@ class _Stream:
     reader: asyncio.Task[None]
     queue: asyncio.Queue[_Item]
     session_id: str = ""
+    held: _Item | None = None  # taken from the queue while merging, handled next
 
 
 class ReplicaDriver:
@@ -88,12 +100,14 @@ class ReplicaDriver:
         client_address: str,
         role: Role,
         rng: random.Random | None = None,
+        codecs: Sequence[Codec] = (Codec.ZSTD, Codec.SNAPPY, Codec.NONE),
     ) -> None:
         self.engine = engine
         self.primary = primary
         self.node_id = node_id
         self.client_address = client_address
         self.role = role
+        self.codecs = [c.name for c in codecs]  # accepted, most preferred first
         self.core = ReplicaCore(
             applied_seq=engine.store.applied_seq(),
             received_seq=engine.wal.last_seq,
@@ -141,10 +155,14 @@ class ReplicaDriver:
         if stream is None:
             await asyncio.sleep(TICK_S)
             return self.core.on_tick()
-        try:
-            item = await asyncio.wait_for(stream.queue.get(), TICK_S)
-        except TimeoutError:
-            return self.core.on_tick()
+        item, stream.held = stream.held, None
+        if item is None:
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), TICK_S)
+            except TimeoutError:
+                return self.core.on_tick()
+        if isinstance(item, _Received):
+            item = _merge_waiting(item, stream)
         if isinstance(item, BaseException):
             return self._error(_describe(item))
         try:
@@ -184,10 +202,11 @@ class ReplicaDriver:
             return await self._connect(action.start_seq)
         if isinstance(action, WriteUnits):
             assert self._frame is not None
-            units = self._frame.units
-            if units[0].first_seq < action.units_first:  # the frame began with duplicates
-                units = [u for u in units if u.first_seq >= action.units_first]
-            self.engine.wal.append_units_nowait(units, self._frame.raw)
+            for raw, units in self._frame.parts:
+                if units[0].first_seq < action.units_first:  # the frame began with duplicates
+                    units = [u for u in units if u.first_seq >= action.units_first]
+                if units:
+                    self.engine.wal.append_units_nowait(units, raw)
             return []
         if isinstance(action, Fsync):
             await asyncio.to_thread(self.engine.wal.sync_to, action.seq)
@@ -213,11 +232,11 @@ class ReplicaDriver:
         request = rpb.WALStreamRequest(
             start_sequence=start_seq,
             protocol_version=1,
-            compression_supported=True,
-            preferred_codec="ZSTD",
+            compression_supported=self.codecs[0] != "NONE",
+            preferred_codec=self.codecs[0],
             listener_address=self.client_address,
             frames=True,
-            accepted_codecs=["ZSTD", "SNAPPY", "NONE"],
+            accepted_codecs=self.codecs,
             node_id=self.node_id,
             client_address=self.client_address,
         )
@@ -342,7 +361,35 @@ def _decode(response: rpb.WALStreamResponse) -> rpb.WALStreamResponse | _Receive
     if not response.HasField("frame"):
         return response
     raw, units = decode_frame_raw(from_message(response.frame))
-    return _Received(response, raw, units, [e for u in units for e in u.entries])
+    return _Received(response, ((raw, units),), units, [e for u in units for e in u.entries])
+
+
+def _merge_waiting(first: _Received, stream: _Stream) -> _Received:
+    """`first` and the consecutive frames already in the queue, up to MERGE_ENTRIES_MAX entries.
+
+    A caught-up replica finds the queue empty and goes on with `first` alone: merging costs no
+    latency. Anything else met in the queue (a heartbeat, an error, a frame that does not
+    continue) is held for the next event, so the core still sees it, in order.
+    """
+    merged = [first]
+    count = len(first.entries)
+    while count < MERGE_ENTRIES_MAX and not stream.queue.empty():
+        item = stream.queue.get_nowait()
+        if not isinstance(item, _Received) or item.units[0].first_seq != (
+            merged[-1].units[-1].last_seq + 1
+        ):
+            stream.held = item
+            break
+        merged.append(item)
+        count += len(item.entries)
+    if len(merged) == 1:
+        return first
+    return _Received(
+        merged[-1].response,
+        tuple(part for r in merged for part in r.parts),
+        [u for r in merged for u in r.units],
+        [e for r in merged for e in r.entries],
+    )
 
 
 def _describe(err: BaseException) -> str:

@@ -283,6 +283,28 @@ def decode_unit(buf: bytes, pos: int, base: int = 0, keep_raw: bool = False) -> 
     return unit
 
 
+def scan_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
+    """`decode_unit` with `keep_raw`, for a reader that ships bytes and needs no entries.
+
+    A single-entry unit comes back with empty `entries` after its CRC and lengths were checked,
+    but without building the Entry (a primary streaming its WAL spends most of its time there
+    otherwise). Other units (batches, fragments) are decoded whole.
+    """
+    if len(buf) - pos >= HEADER_SIZE:
+        crc, length, rtype = _HEADER.unpack_from(buf, pos)
+        end = pos + HEADER_SIZE + length
+        if rtype == RECORD_FULL and end <= len(buf) and length >= ENTRY_HEADER_SIZE:
+            op, seq, keylen = _ENTRY_HEAD.unpack_from(buf, pos + HEADER_SIZE)
+            raw = buf[pos:end]
+            if (
+                0 < op < OP_BATCH
+                and ENTRY_HEADER_SIZE + keylen <= length
+                and _crc32(raw[HEADER_SIZE:]) == crc
+            ):
+                return Unit((), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw)
+    return decode_unit(buf, pos, base, keep_raw=True)
+
+
 def _decode_unit_slow(buf: bytes, pos: int, base: int) -> Unit | None:
     got = _read_logical(buf, pos)
     if got is None:

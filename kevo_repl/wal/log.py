@@ -57,6 +57,7 @@ from kevo_repl.wal.segment import (
     list_segments,
     segment_name,
 )
+from kevo_repl.wal.tail import TailSlice, TailWindow
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class WalOptions:
     buffer_bytes: int = 64 * 1024  # bytes kept in user space before a write(2)
     index_every_bytes: int = 64 * 1024  # sparse seq -> offset index granularity
     observer_queue_max: int = 65536
+    tail_window_bytes: int = 0  # keep the newest units in memory for replication (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class WAL:
         self._closed = False
         self._failed: BaseException | None = None
         self._hub = ObserverHub(options.observer_queue_max)
+        self._tail = TailWindow(options.tail_window_bytes) if options.tail_window_bytes else None
         self._waiters: list[_AsyncWaiter] = []
         self._waiters_lock = threading.Lock()
         self._wake = threading.Event()
@@ -414,11 +417,19 @@ class WAL:
                         f"(next is {expected})"
                     )
                 expected = unit.last_seq + 1
+            tail = self._tail
             if raw is None:
                 for unit in units:
-                    self._write_unit_locked(_encode_unit(unit), unit.first_seq)
+                    data = _encode_unit(unit)
+                    self._write_unit_locked(data, unit.first_seq)
+                    if tail is not None:
+                        tail.add(unit.first_seq, unit.last_seq, data)
             else:
                 self._write_raw_units_locked(units, memoryview(raw))
+                if tail is not None:
+                    for unit in units:
+                        data = raw[unit.offset : unit.offset + unit.length]
+                        tail.add(unit.first_seq, unit.last_seq, data)
             if units:
                 self._next_seq = expected
                 self._last_seq = expected - 1
@@ -504,6 +515,8 @@ class WAL:
                     self._flush_locked()
             self._next_seq = seq + 1
             self._last_seq = seq
+            if self._tail is not None:
+                self._tail.add(seq, seq, data)
             if self._hub.observers:
                 self._hub.publish("entry", Entry(seq, op, key, b"" if op == Op.DELETE else value))
         return seq
@@ -524,6 +537,8 @@ class WAL:
             self._write_unit_locked(data, start)
             self._next_seq = last + 1
             self._last_seq = last
+            if self._tail is not None:
+                self._tail.add(start, last, data)
             if self._hub.observers:
                 entries = [
                     Entry(start + i, op, k, b"" if op == Op.DELETE else v)
@@ -749,13 +764,15 @@ class WAL:
                     yield entry
 
     def units_from(
-        self, seq: int, max_seq: int | None = None, *, raw: bool = False
+        self, seq: int, max_seq: int | None = None, *, raw: bool = False, light: bool = False
     ) -> Iterator[Unit]:
         """Whole units whose last sequence is >= `seq`, up to what was written when reached.
 
         Goes straight to the segment holding `seq` and, through the sparse index, near its offset.
         Raises SequenceCompactedError when `seq` is older than the oldest retained entry.
-        With `raw`, each unit also carries its bytes as read (`Unit.raw`).
+        With `raw`, each unit also carries its bytes as read (`Unit.raw`). `light` implies `raw`
+        and leaves single-entry units without their entries (`codec.scan_unit`): for a reader
+        that ships the bytes on.
         """
         seq = max(seq, 1)  # nothing below 1 ever existed, so 0 cannot have been compacted away
         with self._lock:
@@ -768,7 +785,21 @@ class WAL:
             pos = self._locate_locked(seq)
         if pos is None:
             return
-        yield from self._read_from(pos[0], pos[1], seq, max_seq, raw)
+        yield from self._read_from(pos[0], pos[1], seq, max_seq, raw, light)
+
+    def tail_take(
+        self, seq: int, max_seq: int, max_bytes: int, max_entries: int
+    ) -> TailSlice | None:
+        """Units from the in-memory tail window (`WalOptions.tail_window_bytes`), as `units_from`
+        would return them but as the raw bytes written, up to `max_bytes`/`max_entries` (the
+        first unit always). None when the window is off or does not hold `seq`: read segments.
+        """
+        with self._lock:
+            if self._closed:
+                raise WalClosedError("WAL is closed")
+            if self._tail is None:
+                return None
+            return self._tail.take(seq, max_seq, max_bytes, max_entries)
 
     def _locate_locked(self, seq: int) -> tuple[str, int] | None:
         if not self._segments:
@@ -785,7 +816,7 @@ class WAL:
         return seg.name, seg.index[j][1] if j >= 0 else 0
 
     def _read_from(
-        self, name: str, offset: int, seq: int, max_seq: int | None, raw: bool
+        self, name: str, offset: int, seq: int, max_seq: int | None, raw: bool, light: bool
     ) -> Iterator[Unit]:
         fd = self._open_segment(name, seq)
         try:
@@ -796,7 +827,7 @@ class WAL:
                     limit = self._written if active else (seg.size if seg else os.fstat(fd).st_size)
                     nxt = self._next_name_locked(name)
                 if offset < limit:
-                    reader = SegmentReader(fd, offset, limit, keep_raw=raw)
+                    reader = SegmentReader(fd, offset, limit, keep_raw=raw, light=light)
                     for unit in reader:
                         if seg is not None and not seg.index_complete:
                             self._index_from_reader(seg, unit.first_seq, unit.offset)

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kevo_repl.wal.codec import CodecError, Unit, decode_unit
+from kevo_repl.wal.codec import CodecError, Unit, decode_unit, scan_unit
 
 SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
 READ_CHUNK_BYTES = 1024 * 1024
@@ -58,10 +58,16 @@ class SegmentReader:
     """
 
     def __init__(
-        self, fd: int, start: int = 0, limit: int | None = None, keep_raw: bool = False
+        self,
+        fd: int,
+        start: int = 0,
+        limit: int | None = None,
+        keep_raw: bool = False,
+        light: bool = False,
     ) -> None:
         self._fd = fd
-        self._keep_raw = keep_raw
+        self._keep_raw = keep_raw or light
+        self._light = light  # single-entry units without their Entry (`scan_unit`)
         self._pos = start
         self._limit = os.fstat(fd).st_size if limit is None else limit
         self.end: ReadEnd | None = None
@@ -72,7 +78,10 @@ class SegmentReader:
         at = 0
         while True:
             try:
-                unit = decode_unit(buf, at, base, self._keep_raw)
+                if self._light:
+                    unit = scan_unit(buf, at, base)
+                else:
+                    unit = decode_unit(buf, at, base, self._keep_raw)
             except CodecError as err:
                 self.end = self._classify(err, base + at, base)
                 return
