@@ -97,16 +97,18 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         ("delete", "delete KEY"),
         ("scan", "list keys"),
         ("status", "replication role, positions and lag of a node"),
+        ("digest", "sha256 of a node's store at its applied sequence, to compare nodes"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--addr", required=True, help="HOST:PORT of a node")
-        if name not in ("scan", "status"):
+        if name not in ("scan", "status", "digest"):
             p.add_argument("key")
         if name == "put":
             p.add_argument("value")
             p.add_argument("--sync", action="store_true", help="wait until the write is on disk")
-        if name == "status":
+        if name in ("status", "digest"):
             p.add_argument("--json", action="store_true", help="one JSON object")
+        if name == "status":
             p.add_argument("--watch", action="store_true", help="repeat every second until ^C")
         if name == "scan":
             p.add_argument("--prefix", default="")
@@ -143,7 +145,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return walcli.repair(args.path, sys.stdout)
     if args.command == "serve":
         return _serve(args)
-    if args.command in ("put", "get", "delete", "scan", "status"):
+    if args.command in ("put", "get", "delete", "scan", "status", "digest"):
         from kevo_repl.client_cli import run_client
 
         return run_client(args)

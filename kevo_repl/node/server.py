@@ -31,6 +31,7 @@ from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.frames import Codec
 from kevo_repl.repl.primary import ElsewhereService, ReplicationService, Sessions, StreamLimits
 from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
+from kevo_repl.repl.status import StandaloneStatusService
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
 from kevo_repl.wal import RetentionPolicy, WalOptions
 
@@ -117,7 +118,12 @@ def _roles(
         sessions = Sessions(engine.wal)
         sessions.attach(asyncio.get_running_loop())
         service = ReplicationService(
-            engine.wal, sessions, advertise, stream_limits(config), engine.store.applied_seq
+            engine.wal,
+            sessions,
+            advertise,
+            stream_limits(config),
+            engine.store.applied_seq,
+            engine.store,
         )
         _add_replication(service, server, repl_server, repl_address)
 
@@ -140,6 +146,8 @@ def _roles(
         driver = ReplicaDriver(engine, config.primary, node, advertise, role, codecs=codecs)
         _add_replication(ReplicaStatusService(driver), server, repl_server, repl_address)
         return role, driver
+    status = StandaloneStatusService(engine)
+    rpb_grpc.add_WALReplicationServiceServicer_to_server(status, server)  # type: ignore[no-untyped-call]
     return Role("standalone", advertise), None
 
 

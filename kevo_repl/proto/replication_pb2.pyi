@@ -188,3 +188,17 @@ class ReplicationStatus(_message.Message):
     lag_seconds: float
     last_error: str
     def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class DigestRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StoreDigest(_message.Message):
+    __slots__ = ("applied_sequence", "sha256", "role")
+    APPLIED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    applied_sequence: int
+    sha256: str
+    role: str
+    def __init__(self, applied_sequence: _Optional[int] = ..., sha256: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...

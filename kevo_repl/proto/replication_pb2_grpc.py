@@ -59,6 +59,11 @@ class WALReplicationServiceStub:
                 request_serializer=kevo_dot_replication__pb2.ReplicationStatusRequest.SerializeToString,
                 response_deserializer=kevo_dot_replication__pb2.ReplicationStatus.FromString,
                 _registered_method=True)
+        self.GetDigest = channel.unary_unary(
+                '/kevo.replication.WALReplicationService/GetDigest',
+                request_serializer=kevo_dot_replication__pb2.DigestRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.StoreDigest.FromString,
+                _registered_method=True)
 
 
 class WALReplicationServiceServicer:
@@ -96,6 +101,15 @@ class WALReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDigest(self, request, context):
+        """kevo-repl extension: a digest of the node's store at its applied sequence,
+        read in one consistent snapshot. Two nodes with the same applied sequence
+        hold the same data exactly when their digests are equal. `kevo-repl digest`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WALReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +132,11 @@ def add_WALReplicationServiceServicer_to_server(servicer, server):
                     servicer.GetReplicationStatus,
                     request_deserializer=kevo_dot_replication__pb2.ReplicationStatusRequest.FromString,
                     response_serializer=kevo_dot_replication__pb2.ReplicationStatus.SerializeToString,
+            ),
+            'GetDigest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDigest,
+                    request_deserializer=kevo_dot_replication__pb2.DigestRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.StoreDigest.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +248,33 @@ class WALReplicationService:
             '/kevo.replication.WALReplicationService/GetReplicationStatus',
             kevo_dot_replication__pb2.ReplicationStatusRequest.SerializeToString,
             kevo_dot_replication__pb2.ReplicationStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDigest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/GetDigest',
+            kevo_dot_replication__pb2.DigestRequest.SerializeToString,
+            kevo_dot_replication__pb2.StoreDigest.FromString,
             options,
             channel_credentials,
             insecure,

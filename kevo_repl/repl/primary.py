@@ -39,7 +39,9 @@ from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
+from kevo_repl.repl.status import store_digest
 from kevo_repl.repl.wire import to_message
+from kevo_repl.store import Store
 from kevo_repl.wal import WAL, Unit
 from kevo_repl.wal.codec import entry_payload
 
@@ -156,12 +158,14 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         client_address: str,
         limits: StreamLimits,
         applied_seq: Callable[[], int] = lambda: 0,
+        store: Store | None = None,
     ) -> None:
         self.wal = wal
         self.sessions = sessions
         self.client_address = client_address
         self.limits = limits
         self.applied_seq = applied_seq
+        self.store = store
 
     async def GetReplicationStatus(
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
@@ -175,6 +179,14 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             applied_sequence=self.applied_seq(),
             replicas=[self._replica_status(s, durable, now) for s in self.sessions.all()],
         )
+
+    async def GetDigest(
+        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.StoreDigest:
+        if self.store is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this service has no store")
+        assert self.store is not None
+        return await store_digest(self.store, "primary")
 
     def _replica_status(self, s: Session, durable: int, now: float) -> rpb.ReplicaStatus:
         lag = max(0, durable - s.applied_seq)
@@ -406,6 +418,10 @@ class StatusServicer(Protocol):
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> rpb.ReplicationStatus: ...
 
+    async def GetDigest(
+        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.StoreDigest: ...
+
 
 class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
     """On the node's port when replication has a port of its own (`replication_listen`).
@@ -421,6 +437,11 @@ class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
     ) -> rpb.ReplicationStatus:
         return await self._inner.GetReplicationStatus(request, context)
+
+    async def GetDigest(
+        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.StoreDigest:
+        return await self._inner.GetDigest(request, context)
 
     async def StreamWAL(
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext

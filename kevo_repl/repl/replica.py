@@ -43,6 +43,7 @@ from kevo_repl.repl.replica_state import (
     State,
     WriteUnits,
 )
+from kevo_repl.repl.status import store_digest
 from kevo_repl.repl.wire import from_message
 from kevo_repl.wal import Entry, Unit
 
@@ -308,7 +309,12 @@ class ReplicaDriver:
 
 
 class ReplicaStatusService(rpb_grpc.WALReplicationServiceServicer):
-    """On a replica only GetReplicationStatus is served (nothing streams from a replica yet)."""
+    """On a replica only status and digest are served (nothing streams from a replica yet)."""
+
+    async def GetDigest(
+        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.StoreDigest:
+        return await store_digest(self.driver.engine.store, "replica")
 
     def __init__(self, driver: ReplicaDriver) -> None:
         self.driver = driver
