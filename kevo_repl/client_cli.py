@@ -1,4 +1,4 @@
-"""`kevo-repl put|get|delete|scan|status|digest --addr HOST:PORT`: a node from a shell."""
+"""`kevo-repl put|get|delete|scan|status|digest|slots --addr HOST:PORT`: a node from a shell."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def run_client(args: argparse.Namespace) -> int:
         return run_status(args)
     if args.command == "digest":
         return run_digest(args)
+    if args.command == "slots":
+        return run_slots(args)
     with grpc.insecure_channel(args.addr) as channel:
         stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
@@ -95,6 +97,31 @@ def run_digest(args: argparse.Namespace) -> int:
     else:
         print(
             f"{args.addr} ({digest.role}): applied {digest.applied_sequence} sha256 {digest.sha256}"
+        )
+    return 0
+
+
+def run_slots(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.addr) as channel:
+        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            if args.drop:
+                stub.DropSlot(rpb.DropSlotRequest(node_id=args.drop), timeout=TIMEOUT_S)
+                print(f"dropped the replication slot of {args.drop}")
+                return 0
+            slots = stub.ListSlots(rpb.ListSlotsRequest(), timeout=TIMEOUT_S)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(_json(slots))
+        return 0
+    print(f"{len(slots.slots)} replication slot(s); each may hold {slots.keep_bytes} bytes of WAL")
+    for s in slots.slots:
+        state = "lost" if s.lost else ("streaming" if s.active else "disconnected")
+        print(
+            f"  {s.node_id} ({s.client_address or '?'}): {state}, needs sequence "
+            f"{s.restart_sequence} onwards, holds {s.held_bytes} bytes"
         )
     return 0
 

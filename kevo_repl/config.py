@@ -37,6 +37,7 @@ class NodeConfig:
     replication_zstd_level: int = 1  # primary: 1 (fast) .. 22 (small)
     replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first
     max_replicas: int = 16  # primary: concurrent replication streams
+    slot_keep_bytes: int = 4 * 1024**3  # primary: WAL one replica's slot may hold back
     log_level: str = "info"
 
     @property
@@ -53,6 +54,7 @@ _POSITIVE = {
     "checkpoint_interval_ms",
     "replication_window_bytes",
     "max_replicas",
+    "slot_keep_bytes",
 }
 CODECS = ("zstd", "snappy", "none")
 FRAME_BYTES_MIN = 4096

@@ -46,6 +46,15 @@ class CorruptionError(WalError):
         self.reason = reason
 
 
+class SlotFileError(KevoReplError):
+    """The primary's replication slot file cannot be read back (kevo_repl/repl/slots.py)."""
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: corrupt slot file at offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+
+
 class SequenceCompactedError(WalError):
     """The requested sequence number is older than the oldest entry the log still holds."""
 

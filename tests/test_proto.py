@@ -335,7 +335,7 @@ REPLICATION_METHODS = {
     "NegativeAcknowledge": ("Nack", "NackResponse", False),
 }
 # Our additions to the service: new RPCs only, never changes to Kevo's.
-OUR_REPLICATION_METHODS = {"GetReplicationStatus", "GetDigest"}
+OUR_REPLICATION_METHODS = {"GetReplicationStatus", "GetDigest", "ListSlots", "DropSlot"}
 
 
 def _field_shape(field: descriptor.FieldDescriptor) -> tuple[int, str, bool]:

@@ -20,7 +20,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from kevo_repl.errors import InvalidArgumentError, KevoReplError
@@ -82,6 +82,9 @@ class Engine:
         self.retention = retention
         self._pending: collections.deque[Unit] = collections.deque()
         self._apply_lock = asyncio.Lock()
+        # Run at the start of every checkpoint, before retention (a primary's slots move their
+        # WAL hold there). Failures propagate: a checkpoint without them must not delete WAL.
+        self.before_checkpoint: list[Callable[[], Awaitable[None]]] = []
         self.recovered_entries = 0
         self.recovery_ms = 0
 
@@ -132,6 +135,8 @@ class Engine:
 
     async def checkpoint(self) -> int:
         """Make the store durable, move the WAL hold and apply retention; returns durable seq."""
+        for hook in self.before_checkpoint:
+            await hook()
         if self.wal.options.sync_mode is SyncMode.IMMEDIATE:
             # Everything applied is already durable in the WAL, so writes may go on while the
             # store fsyncs (tens of ms on a large store): holding the lock here stalled them.

@@ -29,7 +29,13 @@ from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.frames import Codec
-from kevo_repl.repl.primary import ElsewhereService, ReplicationService, Sessions, StreamLimits
+from kevo_repl.repl.primary import (
+    ElsewhereService,
+    ReplicationService,
+    Sessions,
+    SlotKeeper,
+    StreamLimits,
+)
 from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
 from kevo_repl.repl.status import StandaloneStatusService
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
@@ -115,7 +121,10 @@ def _roles(
     server, repl_server = servers
     repl_address = config.replication_listen or config.listen
     if config.role == "primary":
-        sessions = Sessions(engine.wal)
+        slots_path = os.path.join(config.data_dir, "slots.json")
+        keeper = SlotKeeper(engine.wal, slots_path, config.slot_keep_bytes)
+        engine.before_checkpoint.append(keeper.maintain)
+        sessions = Sessions(engine.wal, keeper)
         sessions.attach(asyncio.get_running_loop())
         service = ReplicationService(
             engine.wal,

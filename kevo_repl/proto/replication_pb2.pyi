@@ -202,3 +202,43 @@ class StoreDigest(_message.Message):
     sha256: str
     role: str
     def __init__(self, applied_sequence: _Optional[int] = ..., sha256: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class ListSlotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SlotInfo(_message.Message):
+    __slots__ = ("node_id", "client_address", "restart_sequence", "held_bytes", "lost", "active", "updated_unix")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESTART_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    client_address: str
+    restart_sequence: int
+    held_bytes: int
+    lost: bool
+    active: bool
+    updated_unix: float
+    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., restart_sequence: _Optional[int] = ..., held_bytes: _Optional[int] = ..., lost: _Optional[bool] = ..., active: _Optional[bool] = ..., updated_unix: _Optional[float] = ...) -> None: ...
+
+class SlotList(_message.Message):
+    __slots__ = ("slots", "keep_bytes")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedCompositeFieldContainer[SlotInfo]
+    keep_bytes: int
+    def __init__(self, slots: _Optional[_Iterable[_Union[SlotInfo, _Mapping]]] = ..., keep_bytes: _Optional[int] = ...) -> None: ...
+
+class DropSlotRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class DropSlotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,16 @@ class WALReplicationServiceStub:
                 request_serializer=kevo_dot_replication__pb2.DigestRequest.SerializeToString,
                 response_deserializer=kevo_dot_replication__pb2.StoreDigest.FromString,
                 _registered_method=True)
+        self.ListSlots = channel.unary_unary(
+                '/kevo.replication.WALReplicationService/ListSlots',
+                request_serializer=kevo_dot_replication__pb2.ListSlotsRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.SlotList.FromString,
+                _registered_method=True)
+        self.DropSlot = channel.unary_unary(
+                '/kevo.replication.WALReplicationService/DropSlot',
+                request_serializer=kevo_dot_replication__pb2.DropSlotRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.DropSlotResponse.FromString,
+                _registered_method=True)
 
 
 class WALReplicationServiceServicer:
@@ -110,6 +120,21 @@ class WALReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSlots(self, request, context):
+        """kevo-repl extension: the primary's replication slots (`kevo-repl slots`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropSlot(self, request, context):
+        """kevo-repl extension: forget a replica's slot, releasing the WAL it held.
+        NOT_FOUND for an unknown node id; FAILED_PRECONDITION while it streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WALReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +162,16 @@ def add_WALReplicationServiceServicer_to_server(servicer, server):
                     servicer.GetDigest,
                     request_deserializer=kevo_dot_replication__pb2.DigestRequest.FromString,
                     response_serializer=kevo_dot_replication__pb2.StoreDigest.SerializeToString,
+            ),
+            'ListSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSlots,
+                    request_deserializer=kevo_dot_replication__pb2.ListSlotsRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.SlotList.SerializeToString,
+            ),
+            'DropSlot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropSlot,
+                    request_deserializer=kevo_dot_replication__pb2.DropSlotRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.DropSlotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +310,60 @@ class WALReplicationService:
             '/kevo.replication.WALReplicationService/GetDigest',
             kevo_dot_replication__pb2.DigestRequest.SerializeToString,
             kevo_dot_replication__pb2.StoreDigest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/ListSlots',
+            kevo_dot_replication__pb2.ListSlotsRequest.SerializeToString,
+            kevo_dot_replication__pb2.SlotList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropSlot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/DropSlot',
+            kevo_dot_replication__pb2.DropSlotRequest.SerializeToString,
+            kevo_dot_replication__pb2.DropSlotResponse.FromString,
             options,
             channel_credentials,
             insecure,

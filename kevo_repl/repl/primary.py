@@ -31,14 +31,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import grpc
 
+from kevo_repl import fsutil
 from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
+from kevo_repl.repl.slots import SlotTable, encode_slots, load_slots
 from kevo_repl.repl.status import store_digest
 from kevo_repl.repl.wire import to_message
 from kevo_repl.store import Store
@@ -81,11 +82,54 @@ class Session:
     live: bool = False  # the last frame came from the tail window
 
 
+SLOT_HOLD = "replication-slots"
+
+
+class SlotKeeper:
+    """The primary's replication slots (`kevo_repl/repl/slots.py`).
+
+    The service updates the table in memory as replicas connect and acknowledge; `maintain`,
+    run before every checkpoint (whose retention honours the hold), marks slots over the cap
+    lost, moves the WAL hold to what the remaining slots need and saves the table if it changed.
+    """
+
+    def __init__(self, wal: WAL, path: str | None, keep_bytes: int) -> None:
+        self.wal = wal
+        self.path = path  # None: in memory only (tests)
+        self.keep_bytes = keep_bytes
+        self.table = load_slots(path) if path else SlotTable()
+        self._hold()
+
+    async def maintain(self) -> None:
+        for slot in self.table.enforce_cap(self.wal.bytes_from, self.keep_bytes):
+            log.warning(
+                "replication slot of %s (%s) is lost: keeping its WAL from sequence %d would "
+                "take more than slot_keep_bytes (%d); it will need a new copy of the data",
+                slot.node_id,
+                slot.client_address or "?",
+                slot.restart_seq,
+                self.keep_bytes,
+            )
+        self._hold()
+        if self.path is not None and self.table.dirty:
+            data = encode_slots(self.table)
+            self.table.dirty = False
+            await asyncio.to_thread(fsutil.atomic_write, self.path, data)
+
+    def _hold(self) -> None:
+        seq = self.table.hold_seq()
+        if seq is None:
+            self.wal.release(SLOT_HOLD)
+        else:
+            self.wal.hold(SLOT_HOLD, seq)
+
+
 class Sessions:
     """The primary's connected replicas. Woken from the WAL's sync thread, thread-safely."""
 
-    def __init__(self, wal: WAL) -> None:
+    def __init__(self, wal: WAL, keeper: SlotKeeper | None = None) -> None:
         self._wal = wal
+        self.keeper = keeper or SlotKeeper(wal, None, 2**63)
         self._by_id: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +170,11 @@ class Sessions:
             sent_seq=max(request.start_sequence, 1) - 1,  # what the replica says it has
         )
         self._by_id[session.id] = session
+        if session.node_id:
+            start = session.sent_seq + 1
+            self.keeper.table.connect(
+                session.node_id, session.client_address, start, self._wal.first_seq, time.time()
+            )
         return session
 
     def close(self, session: Session) -> None:
@@ -177,8 +226,33 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             last_sequence=self.wal.last_seq,
             durable_sequence=durable,
             applied_sequence=self.applied_seq(),
-            replicas=[self._replica_status(s, durable, now) for s in self.sessions.all()],
+            replicas=[
+                *(self._replica_status(s, durable, now) for s in self.sessions.all()),
+                *self._absent_replicas(durable, now),
+            ],
         )
+
+    def _absent_replicas(self, durable: int, now: float) -> list[rpb.ReplicaStatus]:
+        """Replicas known by their slot that are not streaming now."""
+        streaming = {s.node_id for s in self.sessions.all()}
+        out = []
+        for slot in self.sessions.keeper.table:
+            if slot.node_id in streaming:
+                continue
+            has = slot.restart_seq - 1
+            lag = max(0, durable - has)
+            out.append(
+                rpb.ReplicaStatus(
+                    node_id=slot.node_id,
+                    client_address=slot.client_address,
+                    state="lost" if slot.lost else "disconnected",
+                    flushed_sequence=has,
+                    lag_entries=lag,
+                    lag_seconds=self.sessions.lag_seconds(has, now) if lag else 0.0,
+                    connected=False,
+                )
+            )
+        return out
 
     async def GetDigest(
         self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
@@ -187,6 +261,42 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this service has no store")
         assert self.store is not None
         return await store_digest(self.store, "primary")
+
+    async def ListSlots(
+        self, request: rpb.ListSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.SlotList:
+        active = {s.node_id for s in self.sessions.all()}
+        keeper = self.sessions.keeper
+        return rpb.SlotList(
+            slots=[
+                rpb.SlotInfo(
+                    node_id=slot.node_id,
+                    client_address=slot.client_address,
+                    restart_sequence=slot.restart_seq,
+                    held_bytes=0 if slot.lost else self.wal.bytes_from(slot.restart_seq),
+                    lost=slot.lost,
+                    active=slot.node_id in active,
+                    updated_unix=slot.updated_unix,
+                )
+                for slot in keeper.table
+            ],
+            keep_bytes=keeper.keep_bytes,
+        )
+
+    async def DropSlot(
+        self, request: rpb.DropSlotRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.DropSlotResponse:
+        node = request.node_id
+        if any(s.node_id == node for s in self.sessions.all()):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"replica {node} is streaming now; stop it before dropping its slot",
+            )
+        if not self.sessions.keeper.table.drop(node):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no replication slot for node {node!r}")
+        await self.sessions.keeper.maintain()  # release its WAL now, and make the drop durable
+        log.info("replication slot of %s dropped", node)
+        return rpb.DropSlotResponse()
 
     def _replica_status(self, s: Session, durable: int, now: float) -> rpb.ReplicaStatus:
         lag = max(0, durable - s.applied_seq)
@@ -214,7 +324,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 f"this primary already streams to {self.limits.streams_max} replicas "
                 "(max_replicas); try again later or raise the limit",
             )
-        await self._check_start(start, context)
+        await self._check_start(start, context, request.node_id)
         codec = choose_codec(request) if request.frames else Codec.NONE
         session = self.sessions.open(request, context.peer(), codec)
         log.info("replica %s (%s) streaming from %d", session.node_id or "?", session.peer, start)
@@ -226,7 +336,9 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             self.sessions.close(session)
             log.info("replica %s (%s) stream ended", session.node_id or "?", session.peer)
 
-    async def _check_start(self, start: int, context: grpc.aio.ServicerContext) -> None:
+    async def _check_start(
+        self, start: int, context: grpc.aio.ServicerContext, node_id: str
+    ) -> None:
         durable = self.wal.durable_seq
         if start > durable + 1:
             await context.abort(
@@ -238,8 +350,16 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         if start < oldest and durable >= oldest:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
-                f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})",
+                f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})"
+                + self._lost_note(node_id),
             )
+
+    def _lost_note(self, node_id: str) -> str:
+        slot = self.sessions.keeper.table.get(node_id) if node_id else None
+        if slot is None or not slot.lost:
+            return ""
+        keep = self.sessions.keeper.keep_bytes
+        return f"; the replica's slot was lost: it held more than slot_keep_bytes ({keep})"
 
     async def _stream(
         self, session: Session, start: int, context: grpc.aio.ServicerContext
@@ -367,6 +487,8 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         session.received_seq = max(session.received_seq, request.received_sequence or applied)
         session.flushed_seq = max(session.flushed_seq, request.flushed_sequence or applied)
         session.applied_seq = max(session.applied_seq, applied)
+        if session.node_id:
+            self.sessions.keeper.table.advance(session.node_id, session.flushed_seq, time.time())
         return rpb.AckResponse(success=True)
 
     async def NegativeAcknowledge(
@@ -413,35 +535,20 @@ def take_units(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
     return taken
 
 
-class StatusServicer(Protocol):
-    async def GetReplicationStatus(
-        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
-    ) -> rpb.ReplicationStatus: ...
-
-    async def GetDigest(
-        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
-    ) -> rpb.StoreDigest: ...
-
-
 class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
     """On the node's port when replication has a port of its own (`replication_listen`).
 
-    Status is answered here too; a stream or an ack is refused with the address to use.
+    Status, digest and slots are answered here too; a stream or an ack is refused with the
+    address to use.
     """
 
-    def __init__(self, inner: StatusServicer, address: str) -> None:
-        self._inner = inner
+    # Answered here as on the replication port: the calls an operator's tools make.
+    DELEGATED = ("GetReplicationStatus", "GetDigest", "ListSlots", "DropSlot")
+
+    def __init__(self, inner: rpb_grpc.WALReplicationServiceServicer, address: str) -> None:
         self._message = f"replication is served on {address}, not on this port"
-
-    async def GetReplicationStatus(
-        self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
-    ) -> rpb.ReplicationStatus:
-        return await self._inner.GetReplicationStatus(request, context)
-
-    async def GetDigest(
-        self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext
-    ) -> rpb.StoreDigest:
-        return await self._inner.GetDigest(request, context)
+        for name in self.DELEGATED:  # gRPC looks the handlers up on the instance
+            setattr(self, name, getattr(inner, name))
 
     async def StreamWAL(
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext

@@ -43,7 +43,7 @@ from kevo_repl.repl.replica_state import (
     State,
     WriteUnits,
 )
-from kevo_repl.repl.status import store_digest
+from kevo_repl.repl.status import NoSlots, store_digest
 from kevo_repl.repl.wire import from_message
 from kevo_repl.wal import Entry, Unit
 
@@ -308,8 +308,10 @@ class ReplicaDriver:
             stream.call.cancel()
 
 
-class ReplicaStatusService(rpb_grpc.WALReplicationServiceServicer):
+class ReplicaStatusService(NoSlots):
     """On a replica only status and digest are served (nothing streams from a replica yet)."""
+
+    role = "replica"
 
     async def GetDigest(
         self, request: rpb.DigestRequest, context: grpc.aio.ServicerContext

@@ -19,8 +19,31 @@ async def store_digest(store: Store, role: str) -> rpb.StoreDigest:
     return rpb.StoreDigest(applied_sequence=applied, sha256=sha256, role=role)
 
 
-class StandaloneStatusService(rpb_grpc.WALReplicationServiceServicer):
+class NoSlots(rpb_grpc.WALReplicationServiceServicer):
+    """Slot calls on a node that is not a primary: a clear refusal, not UNIMPLEMENTED."""
+
+    role = ""
+
+    async def ListSlots(
+        self, request: rpb.ListSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.SlotList:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_slots())
+        raise AssertionError("abort raises")
+
+    async def DropSlot(
+        self, request: rpb.DropSlotRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.DropSlotResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_slots())
+        raise AssertionError("abort raises")
+
+    def _no_slots(self) -> str:
+        return f"only a primary has replication slots; this node is a {self.role} node"
+
+
+class StandaloneStatusService(NoSlots):
     """A standalone node streams nothing; it answers status and digest only."""
+
+    role = "standalone"
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -341,6 +341,14 @@ class WAL:
             return self._next_seq
         return self._segments[0].first_seq
 
+    def bytes_from(self, seq: int) -> int:
+        """Bytes of the segments from the one holding `seq` to the end: what keeping `seq`
+        costs (all of the log when `seq` is older than its oldest entry)."""
+        with self._lock:
+            firsts = [s.first_seq for s in self._segments]
+            i = max(bisect.bisect_right(firsts, seq) - 1, 0)
+            return sum(s.size for s in self._segments[i:])
+
     def segment_paths(self) -> list[str]:
         with self._lock:
             return [s.path for s in self._segments]
