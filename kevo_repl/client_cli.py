@@ -134,6 +134,13 @@ def _json(message: Message) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def _progress(rate: float, eta_s: float) -> str:
+    if rate <= 0:
+        return ""
+    left = "" if eta_s <= 0 else f", caught up in about {eta_s:.0f} s"
+    return f"; applying {rate:,.0f} entries/s{left}"
+
+
 def format_status(status: rpb.ReplicationStatus, as_json: bool) -> str:
     if as_json:
         return _json(status)
@@ -145,7 +152,7 @@ def format_status(status: rpb.ReplicationStatus, as_json: bool) -> str:
         lines.append(
             f"following {status.primary_address}: state {status.state}, primary at "
             f"{status.primary_durable_sequence}, lag {status.lag_entries} entries "
-            f"({status.lag_seconds:.3f} s)"
+            f"({status.lag_seconds:.3f} s){_progress(status.apply_rate, status.eta_seconds)}"
         )
         if status.last_error:
             lines.append(f"last error: {status.last_error}")
@@ -153,7 +160,8 @@ def format_status(status: rpb.ReplicationStatus, as_json: bool) -> str:
         lines.append(
             f"  replica {r.client_address or r.node_id}: {r.state}; sent {r.sent_sequence}, "
             f"received {r.received_sequence}, flushed {r.flushed_sequence}, applied "
-            f"{r.applied_sequence}; lag {r.lag_entries} entries ({r.lag_seconds:.3f} s)"
+            f"{r.applied_sequence}; lag {r.lag_entries} entries ({r.lag_seconds:.3f} s, "
+            f"{r.lag_bytes} bytes){_progress(r.apply_rate, r.eta_seconds)}"
         )
     if status.role == "primary" and not status.replicas:
         lines.append("  no replicas connected")

@@ -205,6 +205,8 @@ def test_status_shows_positions_and_lag(cluster: tuple[NodeProcess, list[NodePro
     for r in status["replicas"]:
         assert int(r["applied_sequence"]) == int(status["durable_sequence"]) > 100
         assert int(r["lag_entries"]) == 0 and r["state"] == "streaming"
+        assert int(r["lag_bytes"]) == 0 and float(r["eta_seconds"]) == 0.0
+        assert float(r["apply_rate"]) > 0  # acks of the workload, within the last 10 s
         assert r["client_address"] in {rep.address for rep in replicas}
     text = run_cli("status", "--addr", replicas[0].address)
     assert text.returncode == 0

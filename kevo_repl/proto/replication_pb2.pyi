@@ -140,7 +140,7 @@ class ReplicationStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("node_id", "client_address", "state", "sent_sequence", "received_sequence", "flushed_sequence", "applied_sequence", "lag_entries", "lag_seconds", "connected")
+    __slots__ = ("node_id", "client_address", "state", "sent_sequence", "received_sequence", "flushed_sequence", "applied_sequence", "lag_entries", "lag_seconds", "connected", "lag_bytes", "apply_rate", "eta_seconds")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,9 @@ class ReplicaStatus(_message.Message):
     LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    APPLY_RATE_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     client_address: str
     state: str
@@ -161,10 +164,13 @@ class ReplicaStatus(_message.Message):
     lag_entries: int
     lag_seconds: float
     connected: bool
-    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., state: _Optional[str] = ..., sent_sequence: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., connected: _Optional[bool] = ...) -> None: ...
+    lag_bytes: int
+    apply_rate: float
+    eta_seconds: float
+    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., state: _Optional[str] = ..., sent_sequence: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., connected: _Optional[bool] = ..., lag_bytes: _Optional[int] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
-    __slots__ = ("role", "last_sequence", "durable_sequence", "applied_sequence", "replicas", "primary_address", "state", "primary_durable_sequence", "lag_entries", "lag_seconds", "last_error")
+    __slots__ = ("role", "last_sequence", "durable_sequence", "applied_sequence", "replicas", "primary_address", "state", "primary_durable_sequence", "lag_entries", "lag_seconds", "last_error", "apply_rate", "eta_seconds")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +182,8 @@ class ReplicationStatus(_message.Message):
     LAG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    APPLY_RATE_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     role: str
     last_sequence: int
     durable_sequence: int
@@ -187,7 +195,9 @@ class ReplicationStatus(_message.Message):
     lag_entries: int
     lag_seconds: float
     last_error: str
-    def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+    apply_rate: float
+    eta_seconds: float
+    def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ()

@@ -39,6 +39,7 @@ from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
+from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.slots import SlotTable, encode_slots, load_slots
 from kevo_repl.repl.status import store_digest
 from kevo_repl.repl.wire import to_message
@@ -80,6 +81,7 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rewind_to: int = 0  # a Kevo client's Nack: resend from here
     live: bool = False  # the last frame came from the tail window
+    progress: ProgressMeter = field(default_factory=ProgressMeter)  # of applied_seq
 
 
 SLOT_HOLD = "replication-slots"
@@ -301,6 +303,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     def _replica_status(self, s: Session, durable: int, now: float) -> rpb.ReplicaStatus:
         lag = max(0, durable - s.applied_seq)
         state = "streaming" if s.live or s.sent_seq >= durable else "catching up"
+        eta = s.progress.eta_s(lag, time.monotonic())
         return rpb.ReplicaStatus(
             node_id=s.node_id,
             client_address=s.client_address,
@@ -312,6 +315,9 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             lag_entries=lag,
             lag_seconds=self.sessions.lag_seconds(s.applied_seq, now) if lag else 0.0,
             connected=True,
+            lag_bytes=self.wal.bytes_from(s.applied_seq + 1) if lag else 0,
+            apply_rate=s.progress.rate(time.monotonic()),
+            eta_seconds=-1.0 if eta is None else eta,
         )
 
     async def StreamWAL(
@@ -487,6 +493,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         session.received_seq = max(session.received_seq, request.received_sequence or applied)
         session.flushed_seq = max(session.flushed_seq, request.flushed_sequence or applied)
         session.applied_seq = max(session.applied_seq, applied)
+        session.progress.observe(session.applied_seq, time.monotonic())
         if session.node_id:
             self.sessions.keeper.table.advance(session.node_id, session.flushed_seq, time.time())
         return rpb.AckResponse(success=True)

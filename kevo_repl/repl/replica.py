@@ -29,6 +29,7 @@ from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, FrameError, decode_frame_raw
+from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.replica_state import (
     Action,
     Apply,
@@ -57,6 +58,8 @@ QUEUE_MAX = 10
 # transaction: a replica that is behind then commits as rarely as a local replay does
 # (per-transaction page copies dominated catch-up with one transaction per frame).
 MERGE_ENTRIES_MAX = 20_000
+PROGRESS_LOG_S = 5.0  # while behind, log how the catch-up goes this often
+PROGRESS_LOG_BEHIND = 10_000  # entries behind the primary that count as "catching up"
 RPC_TIMEOUT_S = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -124,6 +127,8 @@ class ReplicaDriver:
         self._ack_next: tuple[rpb.Ack, tuple[tuple[str, str], ...]] | None = None
         self._ack_task: asyncio.Task[None] | None = None
         self._frame_primary_ms = 0  # the primary's clock when it sent the newest frame
+        self.progress = ProgressMeter()  # of the applied position
+        self._progress_logged = time.monotonic()
         self.last_error = ""
 
     def lag_seconds(self) -> float:
@@ -214,6 +219,7 @@ class ReplicaDriver:
             return self.core.on_fsynced(action.seq)
         if isinstance(action, Apply):
             await self._apply(action.from_seq, action.up_to_seq)
+            self._note_progress(action.up_to_seq)
             return self.core.on_applied(action.up_to_seq)
         if isinstance(action, SendAck):
             return await self._ack(action)
@@ -268,6 +274,26 @@ class ReplicaDriver:
         # After an interrupted pipeline the range (at most one frame) comes from our own WAL.
         entries = await asyncio.to_thread(self._read_own_wal, from_seq, up_to_seq)
         await asyncio.to_thread(self.engine.store.apply, entries, up_to_seq)
+
+    def _note_progress(self, applied: int) -> None:
+        now = time.monotonic()
+        self.progress.observe(applied, now)
+        behind = self.lag_entries()
+        if behind < PROGRESS_LOG_BEHIND or now - self._progress_logged < PROGRESS_LOG_S:
+            return
+        self._progress_logged = now
+        eta = self.progress.eta_s(behind, now)
+        log.info(
+            "catching up from %s: applied %d, %d behind, %.0f entries/s, %s left",
+            self.primary,
+            applied,
+            behind,
+            self.progress.rate(now),
+            "unknown time" if eta is None else f"about {eta:.0f} s",
+        )
+
+    def lag_entries(self) -> int:
+        return max(0, (self.core.primary_last_seq or 0) - self.core.applied_seq)
 
     def _read_own_wal(self, from_seq: int, up_to_seq: int) -> list[Entry]:
         return list(self.engine.wal.entries_from(from_seq, max_seq=up_to_seq))
@@ -327,7 +353,9 @@ class ReplicaStatusService(NoSlots):
         d = self.driver
         core = d.core
         primary_last = core.primary_last_seq or 0
-        lag = max(0, primary_last - core.applied_seq)
+        lag = d.lag_entries()
+        now = time.monotonic()
+        eta = d.progress.eta_s(lag, now)
         return rpb.ReplicationStatus(
             role="replica",
             last_sequence=d.engine.wal.last_seq,
@@ -339,6 +367,8 @@ class ReplicaStatusService(NoSlots):
             lag_entries=lag,
             lag_seconds=d.lag_seconds() if lag else 0.0,
             last_error=d.last_error,
+            apply_rate=d.progress.rate(now),
+            eta_seconds=-1.0 if eta is None else eta,
         )
 
 

@@ -342,12 +342,17 @@ class WAL:
         return self._segments[0].first_seq
 
     def bytes_from(self, seq: int) -> int:
-        """Bytes of the segments from the one holding `seq` to the end: what keeping `seq`
-        costs (all of the log when `seq` is older than its oldest entry)."""
+        """Bytes of log from `seq` to the end: what keeping `seq` costs, or how far behind a
+        reader at `seq` is (all of the log when `seq` is older than its oldest entry; 0 past
+        its end). Exact to the sparse index's granularity (`index_every_bytes`), never less."""
         with self._lock:
-            firsts = [s.first_seq for s in self._segments]
-            i = max(bisect.bisect_right(firsts, seq) - 1, 0)
-            return sum(s.size for s in self._segments[i:])
+            if seq > self._last_seq or not self._segments:
+                return 0
+            pos = self._locate_locked(seq)
+            assert pos is not None
+            names = [s.name for s in self._segments]
+            i = names.index(pos[0])
+            return self._segments[i].size - pos[1] + sum(s.size for s in self._segments[i + 1 :])
 
     def segment_paths(self) -> list[str]:
         with self._lock:
