@@ -46,11 +46,11 @@ class CorruptionError(WalError):
         self.reason = reason
 
 
-class SlotFileError(KevoReplError):
-    """The primary's replication slot file cannot be read back (kevo_repl/repl/slots.py)."""
+class StateFileError(KevoReplError):
+    """A node's replication state file (slots, history) cannot be read back."""
 
     def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt slot file at offset {offset}: {reason}")
+        super().__init__(f"{path}: corrupt state file at offset {offset}: {reason}")
         self.path = path
         self.offset = offset
 

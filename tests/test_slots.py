@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kevo_repl.errors import SlotFileError
+from kevo_repl.errors import StateFileError
 from kevo_repl.repl.slots import SlotTable, load_slots, save_slots
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
 
@@ -85,7 +85,7 @@ def test_file_round_trip_and_missing_file(tmp_path: Path) -> None:
 def test_a_bad_file_names_itself(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "slots.json"
     path.write_bytes(content)
-    with pytest.raises(SlotFileError, match=reason) as info:
+    with pytest.raises(StateFileError, match=reason) as info:
         load_slots(str(path))
     assert str(path) in str(info.value)
 

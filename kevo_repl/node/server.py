@@ -29,6 +29,7 @@ from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.frames import Codec
+from kevo_repl.repl.history import History, load_history, save_history
 from kevo_repl.repl.primary import (
     ElsewhereService,
     ReplicationService,
@@ -76,6 +77,19 @@ def open_engine(config: NodeConfig) -> Engine:
     except BaseException:
         store.close()
         raise
+
+
+HISTORY_FILE = "HISTORY"
+
+
+def own_history(data_dir: str) -> History:
+    """A primary's log history, created at its first start (kevo_repl/repl/history.py)."""
+    path = os.path.join(data_dir, HISTORY_FILE)
+    history = load_history(path)
+    if history is None:
+        history = History.new()
+        save_history(path, history)
+    return history
 
 
 def node_id(data_dir: str) -> str:
@@ -133,6 +147,7 @@ def _roles(
             stream_limits(config),
             engine.store.applied_seq,
             engine.store,
+            own_history(config.data_dir),
         )
         _add_replication(service, server, repl_server, repl_address)
 
@@ -152,7 +167,15 @@ def _roles(
         role = Role("replica", advertise)
         codecs = [Codec[name.upper()] for name in replication_codecs(config)]
         node = node_id(config.data_dir)
-        driver = ReplicaDriver(engine, config.primary, node, advertise, role, codecs=codecs)
+        driver = ReplicaDriver(
+            engine,
+            config.primary,
+            node,
+            advertise,
+            role,
+            codecs=codecs,
+            history_path=os.path.join(config.data_dir, HISTORY_FILE),
+        )
         _add_replication(ReplicaStatusService(driver), server, repl_server, repl_address)
         return role, driver
     status = StandaloneStatusService(engine)

@@ -32,7 +32,7 @@ ZSTD: CompressionCodec
 SNAPPY: CompressionCodec
 
 class WALStreamRequest(_message.Message):
-    __slots__ = ("start_sequence", "protocol_version", "compression_supported", "preferred_codec", "listener_address", "frames", "accepted_codecs", "node_id", "client_address")
+    __slots__ = ("start_sequence", "protocol_version", "compression_supported", "preferred_codec", "listener_address", "frames", "accepted_codecs", "node_id", "client_address", "history_id")
     START_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class WALStreamRequest(_message.Message):
     ACCEPTED_CODECS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     start_sequence: int
     protocol_version: int
     compression_supported: bool
@@ -51,7 +52,8 @@ class WALStreamRequest(_message.Message):
     accepted_codecs: _containers.RepeatedScalarFieldContainer[CompressionCodec]
     node_id: str
     client_address: str
-    def __init__(self, start_sequence: _Optional[int] = ..., protocol_version: _Optional[int] = ..., compression_supported: _Optional[bool] = ..., preferred_codec: _Optional[_Union[CompressionCodec, str]] = ..., listener_address: _Optional[str] = ..., frames: _Optional[bool] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., node_id: _Optional[str] = ..., client_address: _Optional[str] = ...) -> None: ...
+    history_id: str
+    def __init__(self, start_sequence: _Optional[int] = ..., protocol_version: _Optional[int] = ..., compression_supported: _Optional[bool] = ..., preferred_codec: _Optional[_Union[CompressionCodec, str]] = ..., listener_address: _Optional[str] = ..., frames: _Optional[bool] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., history_id: _Optional[str] = ...) -> None: ...
 
 class WALStreamResponse(_message.Message):
     __slots__ = ("entries", "compressed", "codec", "frame", "primary_durable_sequence", "primary_time_unix_ms", "primary_client_address")

@@ -39,6 +39,7 @@ from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
+from kevo_repl.repl.history import History
 from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.slots import SlotTable, encode_slots, load_slots
 from kevo_repl.repl.status import store_digest
@@ -210,6 +211,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         limits: StreamLimits,
         applied_seq: Callable[[], int] = lambda: 0,
         store: Store | None = None,
+        history: History | None = None,
     ) -> None:
         self.wal = wal
         self.sessions = sessions
@@ -217,6 +219,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self.limits = limits
         self.applied_seq = applied_seq
         self.store = store
+        self.history = history or History.new()
 
     async def GetReplicationStatus(
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
@@ -331,11 +334,14 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 "(max_replicas); try again later or raise the limit",
             )
         await self._check_start(start, context, request.node_id)
+        await self._check_history(request.history_id, start - 1, context)
         codec = choose_codec(request) if request.frames else Codec.NONE
         session = self.sessions.open(request, context.peer(), codec)
         log.info("replica %s (%s) streaming from %d", session.node_id or "?", session.peer, start)
         try:
-            await context.send_initial_metadata((("session-id", session.id),))
+            await context.send_initial_metadata(
+                (("session-id", session.id), ("history", self.history.to_json()))
+            )
             async for response in self._stream(session, start, context):
                 yield response
         finally:
@@ -359,6 +365,20 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})"
                 + self._lost_note(node_id),
             )
+
+    async def _check_history(
+        self, history_id: str, held: int, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A replica that holds `held` under another history has diverged from this log."""
+        if not history_id or self.history.contains(history_id, held):
+            return
+        ours = self.history.id_at(held) or "none"
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"diverged: the replica holds sequence {held} under history {history_id}, but this "
+            f"primary's sequence {held} is under history {ours}; the replica must be rebuilt "
+            "from an empty data directory",
+        )
 
     def _lost_note(self, node_id: str) -> str:
         slot = self.sessions.keeper.table.get(node_id) if node_id else None

@@ -29,6 +29,7 @@ from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, FrameError, decode_frame_raw
+from kevo_repl.repl.history import History, load_history, save_history
 from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.replica_state import (
     Action,
@@ -105,6 +106,7 @@ class ReplicaDriver:
         role: Role,
         rng: random.Random | None = None,
         codecs: Sequence[Codec] = (Codec.ZSTD, Codec.SNAPPY, Codec.NONE),
+        history_path: str | None = None,
     ) -> None:
         self.engine = engine
         self.primary = primary
@@ -112,6 +114,9 @@ class ReplicaDriver:
         self.client_address = client_address
         self.role = role
         self.codecs = [c.name for c in codecs]  # accepted, most preferred first
+        # The primary's history as last adopted (kevo_repl/repl/history.py); None until then.
+        self.history_path = history_path
+        self.history = load_history(history_path) if history_path else None
         self.core = ReplicaCore(
             applied_seq=engine.store.applied_seq(),
             received_seq=engine.wal.last_seq,
@@ -246,6 +251,7 @@ class ReplicaDriver:
             accepted_codecs=self.codecs,
             node_id=self.node_id,
             client_address=self.client_address,
+            history_id=(self.history.id_at(start_seq - 1) or "") if self.history else "",
         )
         call = self._stub.StreamWAL(request)
         queue: asyncio.Queue[_Item] = asyncio.Queue(QUEUE_MAX)
@@ -256,9 +262,35 @@ class ReplicaDriver:
         except (grpc.aio.AioRpcError, TimeoutError) as err:
             self._drop_stream()
             return self._error(f"cannot stream from {self.primary}: {_describe(err)}")
-        stream.session_id = str(dict(metadata or ()).get("session-id", ""))
+        headers = dict(metadata or ())
+        stream.session_id = str(headers.get("session-id", ""))
+        refused = await self._adopt_history(str(headers.get("history", "")), start_seq - 1)
+        if refused:
+            self._drop_stream()
+            return self._error(refused)
         log.info("streaming from %s, starting at sequence %d", self.primary, start_seq)
         return self.core.on_connected()
+
+    async def _adopt_history(self, text: str, held: int) -> str:
+        """Take the primary's history if our position lies on it; else why not (diverged)."""
+        if not text:
+            return ""  # a primary that predates histories, or not a kevo-repl primary
+        try:
+            theirs = History.from_json(text)
+        except (ValueError, KeyError, TypeError) as err:
+            return f"the primary sent a bad history header: {err}"
+        ours = self.history
+        if ours is not None and not theirs.contains(ours.id_at(held) or "", held):
+            return (
+                f"diverged: this replica holds sequence {held} under history "
+                f"{ours.id_at(held)}, which is not the primary's; rebuild it from an empty "
+                "data directory"
+            )
+        if theirs != ours:
+            if self.history_path:
+                await asyncio.to_thread(save_history, self.history_path, theirs)
+            self.history = theirs
+        return ""
 
     async def _apply(self, from_seq: int, up_to_seq: int) -> None:
         frame = self._frame

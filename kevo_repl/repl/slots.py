@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kevo_repl import fsutil
-from kevo_repl.errors import SlotFileError
+from kevo_repl.errors import StateFileError
 
 FORMAT_VERSION = 1
 
@@ -97,7 +97,7 @@ class SlotTable:
 
 
 def load_slots(path: str) -> SlotTable:
-    """The table saved at `path`, empty when there is no file; SlotFileError when unreadable."""
+    """The table saved at `path`, empty when there is no file; StateFileError when unreadable."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -109,9 +109,9 @@ def load_slots(path: str) -> SlotTable:
             raise ValueError(f"unknown format version {obj.get('version')!r}")
         return SlotTable([_slot(item) for item in obj["slots"]])
     except json.JSONDecodeError as err:
-        raise SlotFileError(path, err.pos, f"not valid JSON: {err.msg}") from None
+        raise StateFileError(path, err.pos, f"not valid JSON: {err.msg}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise SlotFileError(path, 0, f"not a slot table: {err}") from None
+        raise StateFileError(path, 0, f"not a slot table: {err}") from None
 
 
 def encode_slots(table: SlotTable) -> bytes:

@@ -1,0 +1,117 @@
+"""Log histories: positions on a history, the file, and divergence with real processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from nodeproc import NodeProcess, free_port, run_cli
+
+from kevo_repl.errors import StateFileError
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.proto import service_pb2 as pb
+from kevo_repl.proto import service_pb2_grpc as pb_grpc
+from kevo_repl.repl.history import History, load_history, save_history
+
+
+def test_positions_on_a_history() -> None:
+    h = History((("a", 1), ("b", 100), ("c", 250)))
+    assert h.current == "c"
+    assert [h.id_at(s) for s in (0, 1, 99, 100, 249, 250, 10**9)] == [
+        None,
+        "a",
+        "a",
+        "b",
+        "b",
+        "c",
+        "c",
+    ]
+    assert h.contains("a", 99) and not h.contains("a", 100) and h.contains("b", 100)
+    assert h.contains("anything", 0)  # a replica holding nothing is on every history
+    assert not h.contains("z", 5)
+    assert History.from_json(h.to_json()) == h
+    assert History.new() != History.new() and History.new().entries[0][1] == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"version": 2, "entries": [["a", 1]]}',
+        '{"version": 1, "entries": []}',
+        '{"version": 1, "entries": [["a", 5]]}',
+        '{"version": 1, "entries": [["a", 1], ["b", 1]]}',
+        '{"version": 1}',
+        "[1]",
+    ],
+)
+def test_bad_history_files_name_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "HISTORY"
+    path.write_text(text)
+    with pytest.raises(StateFileError, match="not a history file") as info:
+        load_history(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_history_file_round_trip(tmp_path: Path) -> None:
+    path = str(tmp_path / "HISTORY")
+    assert load_history(path) is None
+    h = History((("a", 1), ("b", 7)))
+    save_history(path, h)
+    assert load_history(path) == h
+
+
+def _digest(node: NodeProcess) -> tuple[str, str]:
+    out = run_cli("digest", "--addr", node.address, "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    return d["applied_sequence"], d["sha256"]
+
+
+def _put(node: NodeProcess, n: int, tag: str) -> None:
+    stub = pb_grpc.KevoServiceStub(node.channel())  # type: ignore[no-untyped-call]
+    for i in range(n):
+        stub.Put(pb.PutRequest(key=b"%s%d" % (tag.encode(), i), value=b"v"), timeout=10)
+
+
+@pytest.mark.slow
+def test_a_replica_of_a_rebuilt_primary_refuses_to_diverge(tmp_path: Path) -> None:
+    port = free_port()
+    primary = NodeProcess(tmp_path / "p", port, "--role", "primary")
+    replica = NodeProcess(
+        tmp_path / "r", free_port(), "--role", "replica", "--primary", primary.address
+    )
+    try:
+        _put(primary, 20, "old")
+        deadline = time.monotonic() + 30
+        while _digest(replica) != _digest(primary):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        before = _digest(replica)
+        assert load_history(str(tmp_path / "r" / "HISTORY")) == load_history(
+            str(tmp_path / "p" / "HISTORY")
+        )  # the replica adopted its primary's history
+        replica.stop()
+        primary.stop()
+        shutil.rmtree(tmp_path / "p")  # the primary is rebuilt from nothing, same address
+        primary.start()
+        _put(primary, 40, "new")  # more entries than the replica has: numbers alone would fit
+        replica.start()
+        stub = rpb_grpc.WALReplicationServiceStub(replica.channel())  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + 30
+        while "diverged" not in (
+            error := stub.GetReplicationStatus(
+                rpb.ReplicationStatusRequest(), timeout=10
+            ).last_error
+        ):
+            assert time.monotonic() < deadline, error
+            time.sleep(0.1)
+        assert "FAILED_PRECONDITION" in error and "rebuilt" in error
+        time.sleep(0.5)
+        assert _digest(replica) == before  # nothing of the new log was applied
+    finally:
+        replica.close()
+        primary.close()
