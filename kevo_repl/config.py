@@ -36,7 +36,7 @@ class NodeConfig:
     replication_linger_ms: float = 2.0  # primary: gather closely following writes for this long
     replication_zstd_level: int = 1  # primary: 1 (fast) .. 22 (small)
     replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first
-    max_replicas: int = 16  # primary: concurrent replication streams
+    max_replicas: int = 16  # primary: concurrent replication streams, and slots
     slot_keep_bytes: int = 4 * 1024**3  # primary: WAL one replica's slot may hold back
     log_level: str = "info"
 

@@ -15,7 +15,8 @@ from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc as pb_grpc
-from kevo_repl.repl.history import History, load_history, save_history
+from kevo_repl.repl.history import History
+from kevo_repl.repl.state_files import load_history, save_history
 
 
 def test_positions_on_a_history() -> None:
@@ -115,3 +116,31 @@ def test_a_replica_of_a_rebuilt_primary_refuses_to_diverge(tmp_path: Path) -> No
     finally:
         replica.close()
         primary.close()
+
+
+def test_unreadable_state_files_are_clear_errors(tmp_path: Path) -> None:
+    """Bad bytes, a directory in the file's place, an unwritable directory: never a traceback."""
+    from kevo_repl.repl.state_files import load_or_create_node_id, load_slots, write_state
+
+    history = tmp_path / "HISTORY"
+    history.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(StateFileError, match="not a history file"):
+        load_history(str(history))
+    (tmp_path / "slots.json").mkdir()
+    with pytest.raises(StateFileError, match="cannot read it"):
+        load_slots(str(tmp_path / "slots.json"))
+    (tmp_path / "NODE_ID").write_bytes(b"two words\n")
+    with pytest.raises(StateFileError, match="not a node id"):
+        load_or_create_node_id(str(tmp_path / "NODE_ID"))
+    with pytest.raises(StateFileError, match="cannot write it"):
+        write_state(str(tmp_path / "missing-dir" / "x"), b"{}")
+
+
+def test_a_node_with_a_corrupt_history_exits_with_the_file_named(tmp_path: Path) -> None:
+    (tmp_path / "HISTORY").write_text('{"version": 1, "entries": []}')
+    out = run_cli(
+        "serve", "--data-dir", str(tmp_path), "--role", "primary", "--listen", "127.0.0.1:0"
+    )
+    assert out.returncode == 1
+    assert f"{tmp_path / 'HISTORY'}: corrupt state file" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -245,3 +245,25 @@ def test_streams_beyond_the_limit_are_refused(tmp_path: Path) -> None:
             first.cancel()
 
     _run(tmp_path, scenario)
+
+
+def test_slots_are_bounded_like_streams(tmp_path: Path) -> None:
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 5)
+        limits = StreamLimits(heartbeat_s=0.2, streams_max=2)
+        async with primary_with(wal, limits) as (stub, sessions):
+            for node in ("old-1", "old-2"):  # replicas that went away, their slots kept
+                sessions.keeper.table.connect(node, "", 1, 1, 0.0)
+            new = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True, node_id="n"))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await new.read()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "2 replication slots" in (info.value.details() or "")
+            known = stub.StreamWAL(
+                rpb.WALStreamRequest(start_sequence=1, frames=True, node_id="old-1")
+            )
+            assert isinstance(await known.read(), rpb.WALStreamResponse)  # its slot exists
+            known.cancel()
+            assert len(sessions.keeper.table) == 2
+
+    _run(tmp_path, scenario)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from kevo_repl.errors import StateFileError
-from kevo_repl.repl.slots import SlotTable, load_slots, save_slots
+from kevo_repl.repl.slots import SlotTable
+from kevo_repl.repl.state_files import load_slots, save_slots
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
 
 

@@ -13,12 +13,11 @@ import logging
 import os
 import signal
 import time
-import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kevo_repl import __version__, fsutil
+from kevo_repl import __version__
 from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
@@ -29,7 +28,6 @@ from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.frames import Codec
-from kevo_repl.repl.history import History, load_history, save_history
 from kevo_repl.repl.primary import (
     ElsewhereService,
     ReplicationService,
@@ -38,6 +36,7 @@ from kevo_repl.repl.primary import (
     StreamLimits,
 )
 from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
+from kevo_repl.repl.state_files import load_or_create_history, load_or_create_node_id
 from kevo_repl.repl.status import StandaloneStatusService
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
 from kevo_repl.wal import RetentionPolicy, WalOptions
@@ -80,28 +79,6 @@ def open_engine(config: NodeConfig) -> Engine:
 
 
 HISTORY_FILE = "HISTORY"
-
-
-def own_history(data_dir: str) -> History:
-    """A primary's log history, created at its first start (kevo_repl/repl/history.py)."""
-    path = os.path.join(data_dir, HISTORY_FILE)
-    history = load_history(path)
-    if history is None:
-        history = History.new()
-        save_history(path, history)
-    return history
-
-
-def node_id(data_dir: str) -> str:
-    """This node's durable identity, created on first start (replicas send it to primaries)."""
-    path = os.path.join(data_dir, "NODE_ID")
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        ident = uuid.uuid4().hex
-        fsutil.atomic_write(path, ident.encode() + b"\n")
-        return ident
 
 
 def stream_limits(config: NodeConfig) -> StreamLimits:
@@ -147,7 +124,7 @@ def _roles(
             stream_limits(config),
             engine.store.applied_seq,
             engine.store,
-            own_history(config.data_dir),
+            load_or_create_history(os.path.join(config.data_dir, HISTORY_FILE)),
         )
         _add_replication(service, server, repl_server, repl_address)
 
@@ -166,7 +143,7 @@ def _roles(
     if config.role == "replica":
         role = Role("replica", advertise)
         codecs = [Codec[name.upper()] for name in replication_codecs(config)]
-        node = node_id(config.data_dir)
+        node = load_or_create_node_id(os.path.join(config.data_dir, "NODE_ID"))
         driver = ReplicaDriver(
             engine,
             config.primary,

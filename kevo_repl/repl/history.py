@@ -9,7 +9,7 @@ that sequence carries that id.
 A primary's first start creates a history ``[(id, 1)]``. A replica adopts its primary's history
 and, on every connect, says under which id it holds its last entry: a primary on whose history
 that position does not lie refuses to stream (the replica would otherwise apply entries onto a
-store that diverged). Pure, apart from `load_history`/`save_history`.
+store that diverged). Pure: the file is read and written by `kevo_repl/repl/state_files.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-
-from kevo_repl import fsutil
-from kevo_repl.errors import StateFileError
 
 FORMAT_VERSION = 1
 
@@ -62,20 +59,3 @@ class History:
         if not entries or starts[0] != 1 or starts != sorted(set(starts)):
             raise ValueError(f"history entries out of order: {entries!r}")
         return cls(entries)
-
-
-def load_history(path: str) -> History | None:
-    """The history saved at `path`; None when there is none yet."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        return History.from_json(text)
-    except (ValueError, KeyError, TypeError) as err:
-        raise StateFileError(path, 0, f"not a history file: {err}") from None
-
-
-def save_history(path: str, history: History) -> None:
-    fsutil.atomic_write(path, history.to_json().encode() + b"\n")

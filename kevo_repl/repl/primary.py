@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from kevo_repl import fsutil
 from kevo_repl.errors import SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
 from kevo_repl.repl.history import History
 from kevo_repl.repl.progress import ProgressMeter
-from kevo_repl.repl.slots import SlotTable, encode_slots, load_slots
+from kevo_repl.repl.slots import SlotTable, encode_slots
+from kevo_repl.repl.state_files import load_slots, write_state
 from kevo_repl.repl.status import store_digest
 from kevo_repl.repl.wire import to_message
 from kevo_repl.store import Store
@@ -63,7 +63,7 @@ class StreamLimits:
     linger_s: float = 0.002  # only while frames follow each other closely
     heartbeat_s: float = 1.0
     zstd_level: int = 1
-    streams_max: int = 16  # concurrent streams; more are refused with RESOURCE_EXHAUSTED
+    streams_max: int = 16  # concurrent streams, and slots; more are RESOURCE_EXHAUSTED
 
 
 @dataclass(slots=True)
@@ -101,9 +101,15 @@ class SlotKeeper:
         self.path = path  # None: in memory only (tests)
         self.keep_bytes = keep_bytes
         self.table = load_slots(path) if path else SlotTable()
+        # A drop and a checkpoint may both maintain at once; one writer of the file at a time.
+        self._lock = asyncio.Lock()
         self._hold()
 
     async def maintain(self) -> None:
+        async with self._lock:
+            await self._maintain_locked()
+
+    async def _maintain_locked(self) -> None:
         for slot in self.table.enforce_cap(self.wal.bytes_from, self.keep_bytes):
             log.warning(
                 "replication slot of %s (%s) is lost: keeping its WAL from sequence %d would "
@@ -116,8 +122,12 @@ class SlotKeeper:
         self._hold()
         if self.path is not None and self.table.dirty:
             data = encode_slots(self.table)
-            self.table.dirty = False
-            await asyncio.to_thread(fsutil.atomic_write, self.path, data)
+            self.table.dirty = False  # acks arriving during the write mark it dirty again
+            try:
+                await asyncio.to_thread(write_state, self.path, data)
+            except BaseException:
+                self.table.dirty = True  # not saved: the next checkpoint tries again
+                raise
 
     def _hold(self) -> None:
         seq = self.table.hold_seq()
@@ -333,6 +343,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 f"this primary already streams to {self.limits.streams_max} replicas "
                 "(max_replicas); try again later or raise the limit",
             )
+        await self._check_slot_room(request.node_id, context)
         await self._check_start(start, context, request.node_id)
         await self._check_history(request.history_id, start - 1, context)
         codec = choose_codec(request) if request.frames else Codec.NONE
@@ -347,6 +358,17 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         finally:
             self.sessions.close(session)
             log.info("replica %s (%s) stream ended", session.node_id or "?", session.peer)
+
+    async def _check_slot_room(self, node_id: str, context: grpc.aio.ServicerContext) -> None:
+        """Slots are bounded like streams: a client inventing node ids must not pile up slots
+        that each hold WAL (PostgreSQL's max_replication_slots)."""
+        table = self.sessions.keeper.table
+        if node_id and table.get(node_id) is None and len(table) >= self.limits.streams_max:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this primary already has {len(table)} replication slots (max_replicas); "
+                "drop one with `kevo-repl slots --drop NODE_ID`",
+            )
 
     async def _check_start(
         self, start: int, context: grpc.aio.ServicerContext, node_id: str

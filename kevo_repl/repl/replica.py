@@ -29,7 +29,7 @@ from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, FrameError, decode_frame_raw
-from kevo_repl.repl.history import History, load_history, save_history
+from kevo_repl.repl.history import History
 from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.replica_state import (
     Action,
@@ -45,6 +45,7 @@ from kevo_repl.repl.replica_state import (
     State,
     WriteUnits,
 )
+from kevo_repl.repl.state_files import load_history, save_history
 from kevo_repl.repl.status import NoSlots, store_digest
 from kevo_repl.repl.wire import from_message
 from kevo_repl.wal import Entry, Unit

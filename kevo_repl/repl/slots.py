@@ -10,8 +10,8 @@ max_slot_wal_keep_size): once the WAL from a slot's restart_seq to the end is la
 cap, the slot is marked lost and holds nothing; the replica must then be bootstrapped. A lost
 slot whose replica comes back while the WAL still reaches it is simply found again.
 
-`SlotTable` is pure (no I/O, no clock); `load_slots`/`save_slots` read and write the table as
-JSON in one file, replaced atomically (fsutil.atomic_write).
+Pure: no I/O and no clock. `encode_slots`/`decode_slots` are the table's JSON form; reading and
+writing the file is `kevo_repl/repl/state_files.py`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from kevo_repl import fsutil
-from kevo_repl.errors import StateFileError
 
 FORMAT_VERSION = 1
 
@@ -96,32 +93,17 @@ class SlotTable:
         return min((s.restart_seq for s in self._slots.values() if not s.lost), default=None)
 
 
-def load_slots(path: str) -> SlotTable:
-    """The table saved at `path`, empty when there is no file; StateFileError when unreadable."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return SlotTable()
-    try:
-        obj = json.loads(data)
-        if obj.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unknown format version {obj.get('version')!r}")
-        return SlotTable([_slot(item) for item in obj["slots"]])
-    except json.JSONDecodeError as err:
-        raise StateFileError(path, err.pos, f"not valid JSON: {err.msg}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise StateFileError(path, 0, f"not a slot table: {err}") from None
+def decode_slots(data: bytes) -> SlotTable:
+    """The table `encode_slots` wrote; ValueError/KeyError/TypeError for anything else."""
+    obj = json.loads(data)
+    if obj.get("version") != FORMAT_VERSION:
+        raise ValueError(f"unknown format version {obj.get('version')!r}")
+    return SlotTable([_slot(item) for item in obj["slots"]])
 
 
 def encode_slots(table: SlotTable) -> bytes:
     body = {"version": FORMAT_VERSION, "slots": [asdict(s) for s in table]}
     return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
-
-
-def save_slots(path: str, table: SlotTable) -> None:
-    fsutil.atomic_write(path, encode_slots(table))
-    table.dirty = False
 
 
 def _slot(item: Any) -> Slot:
