@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import json_format
@@ -20,22 +21,19 @@ TIMEOUT_S = 10.0
 
 
 def run_client(args: argparse.Namespace) -> int:
-    if args.command == "status":
-        return run_status(args)
-    if args.command == "digest":
-        return run_digest(args)
-    if args.command == "slots":
-        return run_slots(args)
+    """One channel and one error path for every command: a failed call prints its status code
+    and message and exits 1."""
+    command = _COMMANDS.get(args.command, _kevo_call)
     with grpc.insecure_channel(args.addr) as channel:
-        stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
         try:
-            return _call(stub, args)
+            return command(channel, args)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
 
 
-def _call(stub: pb_grpc.KevoServiceStub, args: argparse.Namespace) -> int:
+def _kevo_call(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
     if args.command == "put":
         stub.Put(
             pb.PutRequest(key=args.key.encode(), value=args.value.encode(), sync=args.sync),
@@ -64,34 +62,25 @@ def _call(stub: pb_grpc.KevoServiceStub, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_status(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-        while True:
-            try:
-                status = stub.GetReplicationStatus(
-                    rpb.ReplicationStatusRequest(), timeout=TIMEOUT_S
-                )
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-                    return 1
-                status = rpb.ReplicationStatus(role="standalone")
-            print(format_status(status, args.json), flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(1.0)
-
-
-def run_digest(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+def _status(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    while True:
         try:
-            # Hashing a large store takes a while: a generous deadline.
-            digest = stub.GetDigest(rpb.DigestRequest(), timeout=TIMEOUT_S * 30)
+            status = stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            status = rpb.ReplicationStatus(role="standalone")  # a node without the extension
+        print(format_status(status, args.json), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(1.0)
+
+
+def _digest(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    # Hashing a large store takes a while: a generous deadline.
+    digest = stub.GetDigest(rpb.DigestRequest(), timeout=TIMEOUT_S * 30)
     if args.json:
         print(_json(digest))
     else:
@@ -101,18 +90,13 @@ def run_digest(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_slots(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            if args.drop:
-                stub.DropSlot(rpb.DropSlotRequest(node_id=args.drop), timeout=TIMEOUT_S)
-                print(f"dropped the replication slot of {args.drop}")
-                return 0
-            slots = stub.ListSlots(rpb.ListSlotsRequest(), timeout=TIMEOUT_S)
-        except grpc.RpcError as err:
-            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
+def _slots(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    if args.drop:
+        stub.DropSlot(rpb.DropSlotRequest(node_id=args.drop), timeout=TIMEOUT_S)
+        print(f"dropped the replication slot of {args.drop}")
+        return 0
+    slots = stub.ListSlots(rpb.ListSlotsRequest(), timeout=TIMEOUT_S)
     if args.json:
         print(_json(slots))
         return 0
@@ -124,6 +108,13 @@ def run_slots(args: argparse.Namespace) -> int:
             f"{s.restart_sequence} onwards, holds {s.held_bytes} bytes"
         )
     return 0
+
+
+_COMMANDS: dict[str, Callable[[grpc.Channel, argparse.Namespace], int]] = {
+    "status": _status,
+    "digest": _digest,
+    "slots": _slots,
+}
 
 
 def _json(message: Message) -> str:

@@ -122,7 +122,6 @@ def _roles(
             sessions,
             advertise,
             stream_limits(config),
-            engine.store.applied_seq,
             engine.store,
             load_or_create_history(os.path.join(config.data_dir, HISTORY_FILE)),
         )

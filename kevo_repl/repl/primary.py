@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -219,7 +219,6 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         sessions: Sessions,
         client_address: str,
         limits: StreamLimits,
-        applied_seq: Callable[[], int] = lambda: 0,
         store: Store | None = None,
         history: History | None = None,
     ) -> None:
@@ -227,7 +226,6 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self.sessions = sessions
         self.client_address = client_address
         self.limits = limits
-        self.applied_seq = applied_seq
         self.store = store
         self.history = history or History.new()
 
@@ -240,7 +238,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             role="primary",
             last_sequence=self.wal.last_seq,
             durable_sequence=durable,
-            applied_sequence=self.applied_seq(),
+            applied_sequence=self.store.applied_seq() if self.store else 0,
             replicas=[
                 *(self._replica_status(s, durable, now) for s in self.sessions.all()),
                 *self._absent_replicas(durable, now),

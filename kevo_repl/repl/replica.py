@@ -75,7 +75,7 @@ CHANNEL_OPTIONS = [
 class _Received:
     """Frames as the reader task decoded them, ahead of the write/fsync/apply pipeline.
 
-    One frame, or several consecutive ones merged (`_merge`): `parts` keeps each frame's raw
+    One frame, or several consecutive ones merged (`_merge_waiting`): `parts` keeps each frame's raw
     payload with the units whose offsets index into it, for the WAL write.
     """
 
@@ -305,8 +305,7 @@ class ReplicaDriver:
             self.engine.store.apply(entries, up_to_seq)
             return
         # After an interrupted pipeline the range (at most one frame) comes from our own WAL.
-        entries = await asyncio.to_thread(self._read_own_wal, from_seq, up_to_seq)
-        await asyncio.to_thread(self.engine.store.apply, entries, up_to_seq)
+        await asyncio.to_thread(self._apply_from_own_wal, from_seq, up_to_seq)
 
     def _note_progress(self, applied: int) -> None:
         now = time.monotonic()
@@ -328,8 +327,9 @@ class ReplicaDriver:
     def lag_entries(self) -> int:
         return max(0, (self.core.primary_last_seq or 0) - self.core.applied_seq)
 
-    def _read_own_wal(self, from_seq: int, up_to_seq: int) -> list[Entry]:
-        return list(self.engine.wal.entries_from(from_seq, max_seq=up_to_seq))
+    def _apply_from_own_wal(self, from_seq: int, up_to_seq: int) -> None:
+        entries = list(self.engine.wal.entries_from(from_seq, max_seq=up_to_seq))
+        self.engine.store.apply(entries, up_to_seq)
 
     async def _ack(self, action: SendAck) -> list[Action]:
         stream = self._stream

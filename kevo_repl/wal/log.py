@@ -350,9 +350,8 @@ class WAL:
                 return 0
             pos = self._locate_locked(seq)
             assert pos is not None
-            names = [s.name for s in self._segments]
-            i = names.index(pos[0])
-            return self._segments[i].size - pos[1] + sum(s.size for s in self._segments[i + 1 :])
+            i, offset = pos
+            return self._segments[i].size - offset + sum(s.size for s in self._segments[i + 1 :])
 
     def segment_paths(self) -> list[str]:
         with self._lock:
@@ -796,9 +795,10 @@ class WAL:
             if seq < oldest and seq <= self._last_seq:
                 raise SequenceCompactedError(seq, oldest)
             pos = self._locate_locked(seq)
+            name = self._segments[pos[0]].name if pos is not None else ""
         if pos is None:
             return
-        yield from self._read_from(pos[0], pos[1], seq, max_seq, raw, light)
+        yield from self._read_from(name, pos[1], seq, max_seq, raw, light)
 
     def tail_take(
         self, seq: int, max_seq: int, max_bytes: int, max_entries: int
@@ -814,7 +814,8 @@ class WAL:
                 return None
             return self._tail.take(seq, max_seq, max_bytes, max_entries)
 
-    def _locate_locked(self, seq: int) -> tuple[str, int] | None:
+    def _locate_locked(self, seq: int) -> tuple[int, int] | None:
+        """(index in _segments, offset) where reading for `seq` starts; None without segments."""
         if not self._segments:
             return None
         firsts = [s.first_seq for s in self._segments]
@@ -826,7 +827,7 @@ class WAL:
         # The last index point whose unit starts strictly before seq: units sharing seq (Kevo
         # HEAD's equal-seq batches) all come after it.
         j = bisect.bisect_left(seg.index, (seq, -1)) - 1
-        return seg.name, seg.index[j][1] if j >= 0 else 0
+        return i, seg.index[j][1] if j >= 0 else 0
 
     def _read_from(
         self, name: str, offset: int, seq: int, max_seq: int | None, raw: bool, light: bool
