@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_LISTEN if isinstance(err, ListenError) else 1
     except BrokenPipeError:  # `kevo-repl wal dump ... | head`
         return 0
+    except OSError as err:  # a directory or file the process cannot use: say which, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # ^C in `status --watch` or before a node's loop is running
         return 130
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from kevo_repl.errors import ConfigError
 from kevo_repl.wal import SyncMode
+from kevo_repl.wal.log import SYNC_INTERVAL_MS_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,8 @@ def _validate(config: NodeConfig, source: str) -> None:
     for key in _POSITIVE:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{source}: {key} must be positive")
+    if config.sync_interval_ms > SYNC_INTERVAL_MS_MAX:
+        raise ConfigError(f"{source}: sync_interval_ms must be at most {SYNC_INTERVAL_MS_MAX}")
     if config.segment_bytes < 4096:
         raise ConfigError(f"{source}: segment_bytes must be at least 4096")
     if config.wal_retain_bytes < 0 or config.grace_s < 0:
@@ -152,6 +155,8 @@ def replication_codecs(config: NodeConfig) -> list[str]:
 
 def parse_address(text: str, what: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    # isascii: str.isdigit() accepts digits such as "²" that int() refuses.
+    digits = port_text.isascii() and port_text.isdigit()
+    if not sep or not host or not digits or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port_text)

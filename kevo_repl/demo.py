@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import os
 import signal
@@ -16,8 +15,8 @@ import grpc
 
 from kevo_repl import walcli
 from kevo_repl.localnode import free_port, start_node
+from kevo_repl.proto import replication_pb2, replication_pb2_grpc, service_pb2_grpc
 from kevo_repl.proto import service_pb2 as pb
-from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
 
 
@@ -129,15 +128,17 @@ def _write(addr: str, tag: str, n: int) -> None:
 
 
 def _digest(addr: str) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    count = 0
+    """(applied sequence, sha256) as the node computes it (`kevo-repl digest`)."""
+    with grpc.insecure_channel(addr) as channel:
+        stub = replication_pb2_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        digest = stub.GetDigest(replication_pb2.DigestRequest(), timeout=30)
+    return digest.applied_sequence, digest.sha256
+
+
+def _key_count(addr: str) -> int:
     with grpc.insecure_channel(addr) as channel:
         stub = service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-        for row in stub.Scan(pb.ScanRequest(), timeout=30):
-            digest.update(len(row.key).to_bytes(4, "little") + row.key)
-            digest.update(len(row.value).to_bytes(4, "little") + row.value)
-            count += 1
-    return count, digest.hexdigest()[:16]
+        return int(stub.GetStats(pb.GetStatsRequest(), timeout=30).key_count)
 
 
 def _converged(addrs: list[str], timeout_s: float = 30.0) -> bool:
@@ -147,8 +148,8 @@ def _converged(addrs: list[str], timeout_s: float = 30.0) -> bool:
         if len(set(digests)) == 1 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    for addr, (count, digest) in zip(addrs, digests, strict=True):
-        print(f"  {addr}: {count} keys, digest {digest}")
+    for addr, (applied, digest) in zip(addrs, digests, strict=True):
+        print(f"  {addr}: {_key_count(addr)} keys, digest {digest[:16]} at sequence {applied}")
     same = len(set(digests)) == 1
     print("  all three nodes hold the same data" if same else "  NOT CONVERGED")
     return same

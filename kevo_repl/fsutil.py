@@ -7,9 +7,12 @@ so other threads keep running while the disk works.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import dataclass
+
+from kevo_repl.errors import KevoReplError
 
 
 @dataclass(slots=True)
@@ -56,3 +59,21 @@ def atomic_write(path: str, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def lock_directory(directory: str, locked: type[KevoReplError], failed: type[KevoReplError]) -> int:
+    """Take `directory`'s LOCK file (flock, held until the returned descriptor is closed).
+
+    Raises `locked` when another process holds it, `failed` when it cannot be opened at all.
+    """
+    lock_path = os.path.join(directory, "LOCK")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise failed(f"{lock_path}: cannot open the lock file: {err.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise locked(f"{directory} is in use by another process (LOCK is held)") from None
+    return fd

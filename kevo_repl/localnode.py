@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -42,11 +43,18 @@ def start_node(
     node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env)
     # Retry the connection every 50 ms: gRPC's default first backoff of 1 s would report the
     # node ready up to a second late (and skew timings taken from this moment).
+    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(addr, options=_READY_OPTIONS) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            node.kill()
-            node.wait()
-            raise NodeStartError(f"the node did not start on {addr} within {timeout_s}s") from None
-    return node
+        ready = grpc.channel_ready_future(channel)
+        while True:
+            try:
+                ready.result(timeout=0.2)
+                return node
+            except grpc.FutureTimeoutError:
+                pass
+            if node.poll() is not None:  # it exited (bad flag, port taken): say so at once
+                raise NodeStartError(f"the node for {addr} exited with code {node.returncode}")
+            if time.monotonic() > deadline:
+                node.kill()
+                node.wait()
+                raise NodeStartError(f"the node did not start on {addr} within {timeout_s}s")

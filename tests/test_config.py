@@ -33,6 +33,8 @@ def test_example_config_is_valid_and_complete() -> None:
         ({"data_dir": "d", "checkpoint_interval_ms": 0}, "checkpoint_interval_ms must be positive"),
         ({"data_dir": "d", "listen": "nohost"}, "expected HOST:PORT"),
         ({"data_dir": "d", "listen": "h:99999"}, "expected HOST:PORT"),
+        ({"data_dir": "d", "listen": "h:\u00b2"}, "expected HOST:PORT"),  # "²" is a digit
+        ({"data_dir": "d", "sync_interval_ms": 10**13}, "sync_interval_ms must be at most"),
         (
             {"data_dir": "d", "replication_listen": "h:1"},
             "replication_listen is only for role primary or replica",

@@ -123,3 +123,41 @@ def test_wal_floor_follows_the_store(tmp_path: Path) -> None:
     assert engine.wal.next_seq == 2
     assert asyncio.run(engine.put(b"b", b"2")) == 2
     asyncio.run(engine.close())
+
+
+class _FailOnce(MemoryStore):
+    """Fails its first apply, and records the sequences of every apply that succeeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+        self.applied_groups: list[list[int]] = []
+
+    def apply(self, entries, applied_seq):  # type: ignore[no-untyped-def]
+        if not self.failed:
+            self.failed = True
+            raise OSError("disk hiccup")
+        super().apply(entries, applied_seq)
+        self.applied_groups.append([e.seq for e in entries])
+
+
+def test_a_failed_apply_is_retried_with_batches_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed apply, a batch must still become visible in one store transaction."""
+    from kevo_repl.node import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "APPLY_ENTRIES_MAX", 2)
+    store = _FailOnce()
+
+    async def run() -> None:
+        engine = _open(tmp_path, store)
+        with pytest.raises(OSError, match="disk hiccup"):
+            await engine.write_batch([(Op.PUT, b"b%d" % i, b"v") for i in range(3)])
+        await engine.put(b"after", b"v")  # applies what is pending, the batch first
+        assert engine.get(b"b2") == b"v" and engine.get(b"after") == b"v"
+        await engine.close()
+
+    asyncio.run(run())
+    batch = next(g for g in store.applied_groups if 1 in g)
+    assert {1, 2, 3} <= set(batch)  # seqs 1..3 applied together, never split

@@ -164,6 +164,26 @@ def test_batch_limit(stub: Any) -> None:
     assert stub.BatchWrite(pb.BatchWriteRequest(), timeout=10).success
 
 
+def test_huge_batch_is_refused_before_any_work(stub: Any) -> None:
+    """Hundreds of thousands of empty operations fit one message; they are counted first."""
+    batch = pb.BatchWriteRequest(operations=[pb.Operation()] * 300_000)
+    assert_status(
+        lambda: stub.BatchWrite(batch, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^batch size exceeds maximum allowed \(1000\): 300000 operations$",
+    )
+
+
+def test_huge_transaction_id_keeps_its_status(stub: Any) -> None:
+    """The id is quoted in the message; a 20 KB one must not overflow the trailer."""
+    tx = "tx-rw-" + "x" * 20_000
+    assert_status(
+        lambda: stub.TxGet(pb.TxGetRequest(transaction_id=tx, key=b"k"), timeout=10),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        r"^transaction not found: tx-rw-x+\.\.\. \(cut\)$",
+    )
+
+
 def test_unknown_batch_operation_type(stub: Any) -> None:
     batch = pb.BatchWriteRequest(
         operations=[
@@ -512,3 +532,17 @@ def test_cli_config_file_only(tmp_path: Path) -> None:
             assert s.Get(pb.GetRequest(key=b"cfg/k"), timeout=10).value == b"v"
         assert proc.stop() == 0, proc.stderr()
     assert (data / "store").is_dir() and (data / "wal").is_dir()
+
+
+@pytest.mark.parametrize("command", [["serve", "--listen", "127.0.0.1:0"], ["wal", "repair"]])
+def test_unusable_directory_is_a_message_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    where = str(blocker / "data")
+    args = [*command, "--data-dir", where] if command[0] == "serve" else [*command, where]
+    out = run_cli(*args)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    assert str(blocker) in out.stderr

@@ -50,6 +50,12 @@ class Limits:
     value_bytes_max: int = VALUE_BYTES_MAX
     batch_ops_max: int = BATCH_OPS_MAX
 
+    def check_count(self, count: int) -> None:
+        if count > self.batch_ops_max:
+            raise InvalidArgumentError(
+                f"batch size exceeds maximum allowed ({self.batch_ops_max}): {count} operations"
+            )
+
     def check_key(self, key: bytes) -> None:
         if not 1 <= len(key) <= self.key_bytes_max:
             raise InvalidArgumentError(
@@ -63,10 +69,7 @@ class Limits:
             )
 
     def check_ops(self, ops: Sequence[WriteOp]) -> None:
-        if len(ops) > self.batch_ops_max:
-            raise InvalidArgumentError(
-                f"batch size exceeds maximum allowed ({self.batch_ops_max}): {len(ops)} operations"
-            )
+        self.check_count(len(ops))
         for _, key, value in ops:
             self.check_key(key)
             self.check_value(value)
@@ -206,7 +209,7 @@ class Engine:
             return
         async with self._apply_lock:
             while self.store.applied_seq() < seq and self._pending:
-                entries, last = self._take_pending(self._applicable_seq())
+                units, entries, last = self._take_pending(self._applicable_seq())
                 if not entries:
                     return  # nothing the WAL holds yet; whoever waits for it applies it
                 try:
@@ -216,12 +219,9 @@ class Engine:
                     else:
                         await asyncio.to_thread(self.store.apply, entries, last)
                 except BaseException:
-                    # Put them back in front: a failed apply is retried, never skipped.
-                    self._pending.extendleft(
-                        reversed(
-                            [Unit((e,), -1, 0, BatchForm.SINGLE, e.seq, e.seq) for e in entries]
-                        )
-                    )
+                    # Put the same units back in front: a failed apply is retried, never
+                    # skipped, and a batch stays one unit (visible all at once).
+                    self._pending.extendleft(reversed(units))
                     raise
 
     def _applicable_seq(self) -> int:
@@ -234,7 +234,8 @@ class Engine:
             return self.wal.durable_seq
         return self.wal.flush()
 
-    def _take_pending(self, limit_seq: int) -> tuple[list[Entry], int]:
+    def _take_pending(self, limit_seq: int) -> tuple[list[Unit], list[Entry], int]:
+        units: list[Unit] = []
         entries: list[Entry] = []
         last = 0
         while (
@@ -243,9 +244,10 @@ class Engine:
             and self._pending[0].last_seq <= limit_seq
         ):
             unit = self._pending.popleft()
+            units.append(unit)
             entries.extend(unit.entries)
             last = unit.last_seq
-        return entries, last
+        return units, entries, last
 
     # ------------------------------------------------------------------ reads
 

@@ -8,6 +8,7 @@ UNAVAILABLE. NOT_FOUND is never used: the SDK turns it into KeyNotFoundError, an
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import heapq
 import logging
@@ -35,6 +36,7 @@ from kevo_repl.wal import Op
 log = logging.getLogger(__name__)
 
 SCAN_PAGE = 1000
+STATUS_MESSAGE_MAX = 1024
 KEVO_VERSION = "1.4.2"  # what Kevo's GetNodeInfo reports; ours goes in the log and --version
 
 R = TypeVar("R")
@@ -103,6 +105,10 @@ async def _abort(
     """The one place a handler's error becomes a status (and is counted)."""
     service.counters.errors[name] += 1
     code, message = _status_for(err)
+    if len(message) > STATUS_MESSAGE_MAX:
+        # Messages quote the request (keys, transaction ids); a huge one would overflow the
+        # trailer and reach the client as RESOURCE_EXHAUSTED instead of this status.
+        message = message[:STATUS_MESSAGE_MAX] + "... (cut)"
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # it raises; this keeps the types honest
 
@@ -217,6 +223,8 @@ class KevoService(pb_grpc.KevoServiceServicer):
         self, request: pb.BatchWriteRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchWriteResponse:
         self.role.check_writable()
+        # Refused before any work: a 64 MiB message can hold millions of empty operations.
+        self.engine.limits.check_count(len(request.operations))
         ops: list[WriteOp] = []
         for i, op in enumerate(request.operations):
             if op.type == pb.Operation.PUT:
@@ -238,15 +246,21 @@ class KevoService(pb_grpc.KevoServiceServicer):
         bounds = scan_bounds(
             request.prefix, request.start_key, request.end_key, request.suffix, request.limit
         )
-        for key, value in self._scan(bounds, None):
+        async for key, value in self._scan(bounds, None):
             yield pb.ScanResponse(key=key, value=value)
 
-    def _scan(self, b: ScanBounds, tx: Transaction | None) -> Iterator[tuple[bytes, bytes]]:
+    async def _scan(
+        self, b: ScanBounds, tx: Transaction | None
+    ) -> AsyncIterator[tuple[bytes, bytes]]:
         rows = self._store_rows(b.start, b.end)
         if tx is not None and tx.writes:
             rows = _overlay(rows, tx.writes, b.start, b.end)
         sent = 0
-        for key, value in rows:
+        for read, (key, value) in enumerate(rows, 1):
+            if read % SCAN_PAGE == 0:
+                # A suffix that matches little reads page after page without yielding a row:
+                # give the event loop (writes, replication, heartbeats) its turn.
+                await asyncio.sleep(0)
             if b.suffix and not key.endswith(b.suffix):
                 continue
             yield key, value
@@ -335,7 +349,7 @@ class KevoService(pb_grpc.KevoServiceServicer):
         bounds = scan_bounds(
             request.prefix, request.start_key, request.end_key, request.suffix, request.limit
         )
-        for key, value in self._scan(bounds, tx):
+        async for key, value in self._scan(bounds, tx):
             yield pb.TxScanResponse(key=key, value=value)
 
     # ------------------------------------------------------------------ node

@@ -21,7 +21,6 @@ Writemap makes data.mdb's apparent size the map size (a sparse file; `du` shows 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import struct
 import threading
@@ -29,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import lmdb
 
+from kevo_repl import fsutil
 from kevo_repl.store.base import (
     MAX_KEY_BYTES,
     StoreClosedError,
@@ -243,19 +243,7 @@ def _make_directory(path: str) -> None:
 
 
 def _lock_directory(path: str) -> int:
-    lock_path = os.path.join(path, "LOCK")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise StoreError(f"{lock_path}: cannot open the lock file: {e.strerror}") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(
-            f"{path} is in use by another process or open store (LOCK is held)"
-        ) from None
-    return fd
+    return fsutil.lock_directory(path, StoreLockedError, StoreError)
 
 
 def _open_env(path: str, sync_each_txn: bool, map_size_bytes: int) -> lmdb.Environment:

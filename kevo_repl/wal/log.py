@@ -21,7 +21,6 @@ import asyncio
 import bisect
 import contextlib
 import enum
-import fcntl
 import itertools
 import logging
 import os
@@ -60,6 +59,8 @@ from kevo_repl.wal.segment import (
 from kevo_repl.wal.tail import TailSlice, TailWindow
 
 log = logging.getLogger(__name__)
+
+SYNC_INTERVAL_MS_MAX = 3_600_000  # an hour: batch mode is about bounding loss, not avoiding it
 
 _VALID_OPS = frozenset((Op.PUT, Op.DELETE, Op.MERGE))
 
@@ -1003,13 +1004,7 @@ def _mtime(path: str) -> float:
 
 
 def lock_directory(directory: str) -> int:
-    fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise WalLockedError(f"{directory} is in use by another process (LOCK is held)") from None
-    return fd
+    return fsutil.lock_directory(directory, WalLockedError, WalError)
 
 
 def _cut_tail(fd: int, path: str, end: ReadEnd) -> TornTail:
@@ -1050,5 +1045,8 @@ def _validate_options(options: WalOptions) -> None:
         raise InvalidArgumentError("segment_bytes_max must be at least 4096")
     if options.sync_bytes < 1 or options.sync_interval_ms < 1:
         raise InvalidArgumentError("sync_bytes and sync_interval_ms must be positive")
+    if options.sync_interval_ms > SYNC_INTERVAL_MS_MAX:
+        # Beyond threading.TIMEOUT_MAX the sync thread's wait would raise and the thread die.
+        raise InvalidArgumentError(f"sync_interval_ms must be at most {SYNC_INTERVAL_MS_MAX}")
     if options.buffer_bytes < 0 or options.index_every_bytes < 1 or options.observer_queue_max < 1:
         raise InvalidArgumentError("buffer_bytes, index_every_bytes, observer_queue_max invalid")
