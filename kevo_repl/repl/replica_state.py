@@ -71,8 +71,8 @@ from typing import TypeAlias
 
 from kevo_repl.errors import InvalidArgumentError, KevoReplError
 
-# Same value as kevo_repl.wal.codec.MAX_SEQ (u64 on the wire). Not imported from there, because
-# importing kevo_repl.wal loads the WAL itself (os, threads, asyncio) and this module stays pure.
+# Same value as kevo_repl.wal.codec.MAX_SEQ (u64 on the wire), kept here so that this module
+# imports nothing but the standard library and the error types (test_module_is_pure).
 MAX_SEQ = 2**64 - 1
 HISTORY_LEN = 64  # transitions kept for debugging; Kevo's history grows forever
 _BACKOFF_EXPONENT_MAX = 64  # 2.0**64 is finite; the cap applies long before
