@@ -39,6 +39,7 @@ class NodeConfig:
     replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first
     max_replicas: int = 16  # primary: concurrent replication streams, and slots
     slot_keep_bytes: int = 4 * 1024**3  # primary: WAL one replica's slot may hold back
+    on_divergence: str = "rebootstrap"  # replica: rebootstrap | refuse, when histories differ
     log_level: str = "info"
 
     @property
@@ -58,6 +59,7 @@ _POSITIVE = {
     "slot_keep_bytes",
 }
 CODECS = ("zstd", "snappy", "none")
+DIVERGENCE_POLICIES = ("rebootstrap", "refuse")
 FRAME_BYTES_MIN = 4096
 FRAME_BYTES_MAX = 64 * 1024 * 1024
 
@@ -141,6 +143,11 @@ def _validate_replication(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: replication_linger_ms must be in 0..1000")
     if not 1 <= config.replication_zstd_level <= 22:
         raise ConfigError(f"{source}: replication_zstd_level must be in 1..22")
+    if config.on_divergence not in DIVERGENCE_POLICIES:
+        raise ConfigError(
+            f"{source}: on_divergence must be {' or '.join(DIVERGENCE_POLICIES)}, "
+            f"got {config.on_divergence!r}"
+        )
     codecs = replication_codecs(config)
     if not codecs or any(c not in CODECS for c in codecs) or len(set(codecs)) != len(codecs):
         raise ConfigError(

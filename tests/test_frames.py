@@ -351,7 +351,7 @@ def test_crc_mismatch(codec: Codec) -> None:
 def test_truncated_payload(codec: Codec) -> None:
     frame = encode_frame(_units([("single", Op.PUT, b"k", b"v" * 5000)] * 4), codec)
     for cut in (1, len(frame.payload) // 2):
-        with pytest.raises(FrameError, match=r"does not decompress|raw, frame says"):
+        with pytest.raises(FrameError, match=r"does not decompress|raw, header says"):
             decode_frame(dataclasses.replace(frame, payload=frame.payload[:-cut]))
 
 

@@ -78,19 +78,33 @@ def _put(node: NodeProcess, n: int, tag: str) -> None:
         stub.Put(pb.PutRequest(key=b"%s%d" % (tag.encode(), i), value=b"v"), timeout=10)
 
 
+def _wait_same(a: NodeProcess, b: NodeProcess) -> None:
+    deadline = time.monotonic() + 30
+    while _digest(a) != _digest(b):
+        assert time.monotonic() < deadline, "the nodes did not converge"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
-def test_a_replica_of_a_rebuilt_primary_refuses_to_diverge(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["rebootstrap", "refuse"])
+def test_a_replica_of_a_rebuilt_primary_never_applies_onto_its_diverged_store(
+    tmp_path: Path, policy: str
+) -> None:
     port = free_port()
     primary = NodeProcess(tmp_path / "p", port, "--role", "primary")
     replica = NodeProcess(
-        tmp_path / "r", free_port(), "--role", "replica", "--primary", primary.address
+        tmp_path / "r",
+        free_port(),
+        "--role",
+        "replica",
+        "--primary",
+        primary.address,
+        "--on-divergence",
+        policy,
     )
     try:
         _put(primary, 20, "old")
-        deadline = time.monotonic() + 30
-        while _digest(replica) != _digest(primary):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_same(primary, replica)
         before = _digest(replica)
         assert load_history(str(tmp_path / "r" / "HISTORY")) == load_history(
             str(tmp_path / "p" / "HISTORY")
@@ -101,6 +115,13 @@ def test_a_replica_of_a_rebuilt_primary_refuses_to_diverge(tmp_path: Path) -> No
         primary.start()
         _put(primary, 40, "new")  # more entries than the replica has: numbers alone would fit
         replica.start()
+        if policy == "rebootstrap":
+            _wait_same(primary, replica)  # rebuilt from a snapshot of the new primary
+            assert "diverged" in replica.stderr()
+            assert load_history(str(tmp_path / "r" / "HISTORY")) == load_history(
+                str(tmp_path / "p" / "HISTORY")
+            )
+            return
         stub = rpb_grpc.WALReplicationServiceStub(replica.channel())  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + 30
         while "diverged" not in (
@@ -110,7 +131,7 @@ def test_a_replica_of_a_rebuilt_primary_refuses_to_diverge(tmp_path: Path) -> No
         ):
             assert time.monotonic() < deadline, error
             time.sleep(0.1)
-        assert "FAILED_PRECONDITION" in error and "rebuilt" in error
+        assert "FAILED_PRECONDITION" in error and "on_divergence = 'refuse'" in error
         time.sleep(0.5)
         assert _digest(replica) == before  # nothing of the new log was applied
     finally:

@@ -335,7 +335,14 @@ REPLICATION_METHODS = {
     "NegativeAcknowledge": ("Nack", "NackResponse", False),
 }
 # Our additions to the service: new RPCs only, never changes to Kevo's.
-OUR_REPLICATION_METHODS = {"GetReplicationStatus", "GetDigest", "ListSlots", "DropSlot"}
+OUR_REPLICATION_METHODS = {
+    "GetReplicationStatus",
+    "GetDigest",
+    "ListSlots",
+    "DropSlot",
+    "StreamSnapshot",
+    "Promote",
+}
 
 
 def _field_shape(field: descriptor.FieldDescriptor) -> tuple[int, str, bool]:

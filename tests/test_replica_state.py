@@ -21,6 +21,7 @@ from kevo_repl.repl.replica_state import (
     TRANSITIONS,
     Action,
     Apply,
+    Bootstrap,
     Connect,
     Disconnect,
     EventType,
@@ -132,6 +133,9 @@ def core_in(state: State, clock: ManualClock | None = None) -> ReplicaCore:
     if state is S.ERROR:
         core.on_error("test")
         return core
+    if state is S.BOOTSTRAPPING:
+        core.on_bootstrap_needed("test")
+        return core
     core.on_connected()
     if state is S.STREAMING_ENTRIES:
         core._state = S.STREAMING_ENTRIES
@@ -162,6 +166,8 @@ def fire(core: ReplicaCore, event: EventType) -> list[Action]:
         E.ERROR: lambda: core.on_error("test"),
         E.RETRY: core.on_retry,
         E.TICK: core.on_tick,
+        E.BOOTSTRAP: lambda: core.on_bootstrap_needed("test"),
+        E.BOOTSTRAPPED: lambda: core.on_bootstrapped(5),
     }
     return calls[event]()
 
@@ -253,6 +259,7 @@ def test_state_numbers_are_kevos() -> None:
         ("ACKNOWLEDGING", 4),
         ("WAITING_FOR_DATA", 5),
         ("ERROR", 6),
+        ("BOOTSTRAPPING", 7),  # ours, after Kevo's
     ]
 
 
@@ -803,3 +810,31 @@ ReplicaAgainstModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=60, deadline=None
 )
 test_replica_against_model = ReplicaAgainstModel.TestCase
+
+
+def test_bootstrap_replaces_every_position_with_the_snapshots() -> None:
+    clock = ManualClock()
+    core = make(clock, applied=40, received=50)
+    assert core.start() == [Connect(51)]
+    reason = "sequence 51 is no longer in the primary's WAL"
+    assert core.on_bootstrap_needed(reason) == [Disconnect(reason), Bootstrap(reason)]
+    assert core.state is S.BOOTSTRAPPING
+    clock.advance(3600)  # a long bootstrap is not a silent primary
+    assert core.on_tick() == []
+    assert core.on_bootstrapped(30) == [Connect(31)]  # a snapshot may be behind what we had
+    assert (core.received_seq, core.flushed_seq, core.applied_seq) == (30, 30, 30)
+    assert state_of(core) is S.CONNECTING
+    assert core.last_error is None
+
+
+def test_a_failed_bootstrap_backs_off_and_connects_from_the_old_position() -> None:
+    clock = ManualClock()
+    core = make(clock, applied=7, received=7)
+    core.start()
+    core.on_bootstrap_needed("compacted")
+    actions = core.on_error("snapshot stream broke")
+    assert isinstance(actions[-1], Sleep)
+    assert core.consecutive_failures == 1
+    assert core.on_retry() == [Connect(8)]  # asks again; the primary says again what it lacks
+    with pytest.raises(ProtocolError):
+        core.on_bootstrapped(9)  # only from BOOTSTRAPPING

@@ -7,6 +7,7 @@ closing and reopening the same directory must bring the state back.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import tempfile
 import threading
@@ -29,6 +30,9 @@ from kevo_repl.store import (
     StoreError,
     StoreLockedError,
 )
+from kevo_repl.store.base import StoreExport
+from kevo_repl.store.lmdb_store import IMAGE_FILE
+from kevo_repl.store.memory import load_image
 from kevo_repl.wal.codec import MAX_SEQ, Entry, Op
 
 TEST_MAP_SIZE_BYTES = 256 * 1024**2
@@ -292,6 +296,87 @@ def test_digest_depends_on_content_not_batching(kind: Kind, tmp_path: Path) -> N
     finally:
         for s in stores:
             s.close()
+
+
+def _image(export: StoreExport) -> bytes:
+    """Everything `export.write_to` writes, read from a pipe by a second thread."""
+    r, w = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while data := os.read(r, 65536):
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        export.write_to(w)
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+    return b"".join(chunks)
+
+
+def _open_image(kind: Kind, image: bytes, directory: Path) -> Store:
+    if kind.name == "memory":
+        return load_image(image)
+    directory.mkdir()
+    (directory / IMAGE_FILE).write_bytes(image)
+    return _open_lmdb(directory)
+
+
+def test_export_is_the_store_at_one_point_while_writes_go_on(kind: Kind, tmp_path: Path) -> None:
+    source = kind.open(tmp_path / "source")
+    try:
+        source.apply([put(i, b"k%04d" % i, b"v" * 50) for i in range(1, 2001)], 2000)
+        expected = source.digest()
+        export = source.begin_export()
+        source.apply([put(2001, b"k0001", b"changed"), delete(2002, b"k0002")], 2002)
+        assert (export.applied_seq, export.format) == (2000, kind.name)
+        assert export.size_estimate > 2000 * 50
+        image = _image(export)
+        export.close()
+        export.close()  # idempotent
+        copy = _open_image(kind, image, tmp_path / "copy")
+        try:
+            assert copy.digest() == expected
+            assert copy.applied_seq() == 2000
+            assert copy.get(b"k0002") == b"v" * 50
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
+def test_export_after_close_is_refused(store: Store) -> None:
+    export = store.begin_export()
+    export.close()
+    if isinstance(store, LmdbStore):
+        with pytest.raises(StoreError, match="export was closed"):
+            export.write_to(1)
+    store.close()
+    with pytest.raises(StoreClosedError):
+        store.begin_export()
+
+
+def test_lmdb_close_waits_for_an_open_export(tmp_path: Path) -> None:
+    store = LmdbStore.open(str(tmp_path / "s"), map_size_bytes=TEST_MAP_SIZE_BYTES)
+    export = store.begin_export()
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # the export's read transaction still uses the map
+    export.close()
+    closer.join(5)
+    assert not closer.is_alive()
+
+
+def test_memory_image_that_is_not_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="8-byte"):
+        load_image(b"abc")
+    with pytest.raises(ValueError, match="runs past the end"):
+        load_image(struct.pack("<QI", 5, 100) + b"k")
 
 
 def test_checkpoint_makes_applied_durable(store: Store) -> None:

@@ -85,6 +85,8 @@ class Engine:
         self.retention = retention
         self._pending: collections.deque[Unit] = collections.deque()
         self._apply_lock = asyncio.Lock()
+        # Held by checkpoints and by `replace_parts`: a checkpoint never runs on a closed WAL.
+        self._parts_lock = asyncio.Lock()
         # Run at the start of every checkpoint, before retention (a primary's slots move their
         # WAL hold there). Failures propagate: a checkpoint without them must not delete WAL.
         self.before_checkpoint: list[Callable[[], Awaitable[None]]] = []
@@ -138,6 +140,10 @@ class Engine:
 
     async def checkpoint(self) -> int:
         """Make the store durable, move the WAL hold and apply retention; returns durable seq."""
+        async with self._parts_lock:
+            return await self._checkpoint()
+
+    async def _checkpoint(self) -> int:
         for hook in self.before_checkpoint:
             await hook()
         if self.wal.options.sync_mode is SyncMode.IMMEDIATE:
@@ -153,12 +159,27 @@ class Engine:
         await asyncio.to_thread(self.wal.apply_retention, self.retention)
         return durable
 
+    async def replace_parts(self, reopen: Callable[[], tuple[WAL, Store]]) -> None:
+        """Close the WAL and the store, then run `reopen` (on a worker thread) and use the WAL
+        and store it opens: a replica switching to a snapshot. Writes must not be running (a
+        replica takes none). If `reopen` fails the engine is left closed: the error is fatal.
+        """
+        async with self._parts_lock, self._apply_lock:
+            self._pending.clear()
+            await asyncio.to_thread(self._close_parts)
+            self.wal, self.store = await asyncio.to_thread(reopen)
+
+    def _close_parts(self) -> None:
+        try:
+            self.wal.close()
+        finally:
+            self.store.close()
+
     async def close(self) -> None:
         try:
             await self.checkpoint()
         finally:
-            self.wal.close()
-            self.store.close()
+            self._close_parts()
 
     # ------------------------------------------------------------------ writes
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kevo_repl import __version__
+from kevo_repl import __version__, fsutil
 from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
@@ -27,6 +28,7 @@ from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
+from kevo_repl.repl.bootstrap import complete_switch, discard_partial
 from kevo_repl.repl.frames import Codec
 from kevo_repl.repl.primary import (
     ElsewhereService,
@@ -38,8 +40,8 @@ from kevo_repl.repl.primary import (
 from kevo_repl.repl.replica import ReplicaDriver, ReplicaStatusService
 from kevo_repl.repl.state_files import load_or_create_history, load_or_create_node_id
 from kevo_repl.repl.status import StandaloneStatusService
-from kevo_repl.store import MAX_KEY_BYTES, LmdbStore
-from kevo_repl.wal import RetentionPolicy, WalOptions
+from kevo_repl.store import MAX_KEY_BYTES, LmdbStore, Store, StoreError, StoreLockedError
+from kevo_repl.wal import WAL, RetentionPolicy, WalOptions
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,9 @@ def _roles(
             role,
             codecs=codecs,
             history_path=os.path.join(config.data_dir, HISTORY_FILE),
+            data_dir=config.data_dir,
+            reopen=functools.partial(_switch_to_snapshot, engine, config),
+            on_divergence=config.on_divergence,
         )
         _add_replication(ReplicaStatusService(driver), server, repl_server, repl_address)
         return role, driver
@@ -159,10 +164,33 @@ def _roles(
     return Role("standalone", advertise), None
 
 
+async def _switch_to_snapshot(engine: Engine, config: NodeConfig) -> None:
+    """Close the store and WAL, install the snapshot a bootstrap made ready, open them again."""
+
+    def reopen() -> tuple[WAL, Store]:
+        complete_switch(config.data_dir)
+        fresh = open_engine(config)
+        return fresh.wal, fresh.store
+
+    await engine.replace_parts(reopen)
+
+
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT arrives)."""
     stop = stop or asyncio.Event()
     os.makedirs(config.data_dir, exist_ok=True)
+    lock_fd = fsutil.lock_directory(config.data_dir, StoreLockedError, StoreError)
+    try:
+        await _serve_locked(config, stop)
+    finally:
+        os.close(lock_fd)
+
+
+async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
+    # A bootstrap that committed (bootstrap.ready) but did not finish switching is finished
+    # now; one that did not commit starts over.
+    discard_partial(config.data_dir)
+    complete_switch(config.data_dir)
     engine = open_engine(config)
     counters = Counters()
     registry = TxRegistry(time.monotonic)

@@ -142,7 +142,7 @@ class ReplicationStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("node_id", "client_address", "state", "sent_sequence", "received_sequence", "flushed_sequence", "applied_sequence", "lag_entries", "lag_seconds", "connected", "lag_bytes", "apply_rate", "eta_seconds")
+    __slots__ = ("node_id", "client_address", "state", "sent_sequence", "received_sequence", "flushed_sequence", "applied_sequence", "lag_entries", "lag_seconds", "connected", "lag_bytes", "apply_rate", "eta_seconds", "bootstrap_bytes", "bootstrap_total_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,8 @@ class ReplicaStatus(_message.Message):
     LAG_BYTES_FIELD_NUMBER: _ClassVar[int]
     APPLY_RATE_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     client_address: str
     state: str
@@ -169,10 +171,12 @@ class ReplicaStatus(_message.Message):
     lag_bytes: int
     apply_rate: float
     eta_seconds: float
-    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., state: _Optional[str] = ..., sent_sequence: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., connected: _Optional[bool] = ..., lag_bytes: _Optional[int] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    bootstrap_bytes: int
+    bootstrap_total_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., client_address: _Optional[str] = ..., state: _Optional[str] = ..., sent_sequence: _Optional[int] = ..., received_sequence: _Optional[int] = ..., flushed_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., connected: _Optional[bool] = ..., lag_bytes: _Optional[int] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., bootstrap_bytes: _Optional[int] = ..., bootstrap_total_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicationStatus(_message.Message):
-    __slots__ = ("role", "last_sequence", "durable_sequence", "applied_sequence", "replicas", "primary_address", "state", "primary_durable_sequence", "lag_entries", "lag_seconds", "last_error", "apply_rate", "eta_seconds")
+    __slots__ = ("role", "last_sequence", "durable_sequence", "applied_sequence", "replicas", "primary_address", "state", "primary_durable_sequence", "lag_entries", "lag_seconds", "last_error", "apply_rate", "eta_seconds", "bootstrap_bytes", "bootstrap_total_bytes", "history_id")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DURABLE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +190,9 @@ class ReplicationStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     APPLY_RATE_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     role: str
     last_sequence: int
     durable_sequence: int
@@ -199,7 +206,10 @@ class ReplicationStatus(_message.Message):
     last_error: str
     apply_rate: float
     eta_seconds: float
-    def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    bootstrap_bytes: int
+    bootstrap_total_bytes: int
+    history_id: str
+    def __init__(self, role: _Optional[str] = ..., last_sequence: _Optional[int] = ..., durable_sequence: _Optional[int] = ..., applied_sequence: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., primary_address: _Optional[str] = ..., state: _Optional[str] = ..., primary_durable_sequence: _Optional[int] = ..., lag_entries: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., last_error: _Optional[str] = ..., apply_rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., bootstrap_bytes: _Optional[int] = ..., bootstrap_total_bytes: _Optional[int] = ..., history_id: _Optional[str] = ...) -> None: ...
 
 class DigestRequest(_message.Message):
     __slots__ = ()
@@ -254,3 +264,55 @@ class DropSlotRequest(_message.Message):
 class DropSlotResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("node_id", "accepted_codecs", "client_address", "store_format")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_CODECS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    accepted_codecs: _containers.RepeatedScalarFieldContainer[CompressionCodec]
+    client_address: str
+    store_format: str
+    def __init__(self, node_id: _Optional[str] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., client_address: _Optional[str] = ..., store_format: _Optional[str] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("index", "snapshot_sequence", "codec", "raw_length", "crc32", "payload", "history", "store_format", "size_estimate", "last", "total_bytes", "sha256")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    RAW_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    STORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    snapshot_sequence: int
+    codec: CompressionCodec
+    raw_length: int
+    crc32: int
+    payload: bytes
+    history: str
+    store_format: str
+    size_estimate: int
+    last: bool
+    total_bytes: int
+    sha256: str
+    def __init__(self, index: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ..., history: _Optional[str] = ..., store_format: _Optional[str] = ..., size_estimate: _Optional[int] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PromoteResponse(_message.Message):
+    __slots__ = ("sequence", "history_id")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    history_id: str
+    def __init__(self, sequence: _Optional[int] = ..., history_id: _Optional[str] = ...) -> None: ...

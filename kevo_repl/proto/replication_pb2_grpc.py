@@ -74,6 +74,16 @@ class WALReplicationServiceStub:
                 request_serializer=kevo_dot_replication__pb2.DropSlotRequest.SerializeToString,
                 response_deserializer=kevo_dot_replication__pb2.DropSlotResponse.FromString,
                 _registered_method=True)
+        self.StreamSnapshot = channel.unary_stream(
+                '/kevo.replication.WALReplicationService/StreamSnapshot',
+                request_serializer=kevo_dot_replication__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.SnapshotChunk.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/kevo.replication.WALReplicationService/Promote',
+                request_serializer=kevo_dot_replication__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=kevo_dot_replication__pb2.PromoteResponse.FromString,
+                _registered_method=True)
 
 
 class WALReplicationServiceServicer:
@@ -135,6 +145,21 @@ class WALReplicationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamSnapshot(self, request, context):
+        """A consistent image of the primary's store at one sequence, for a replica whose position
+        the WAL no longer reaches (or whose history diverged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Turn a replica into a primary: it stops following and starts a new history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WALReplicationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +197,16 @@ def add_WALReplicationServiceServicer_to_server(servicer, server):
                     servicer.DropSlot,
                     request_deserializer=kevo_dot_replication__pb2.DropSlotRequest.FromString,
                     response_serializer=kevo_dot_replication__pb2.DropSlotResponse.SerializeToString,
+            ),
+            'StreamSnapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSnapshot,
+                    request_deserializer=kevo_dot_replication__pb2.SnapshotRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.SnapshotChunk.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=kevo_dot_replication__pb2.PromoteRequest.FromString,
+                    response_serializer=kevo_dot_replication__pb2.PromoteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +399,60 @@ class WALReplicationService:
             '/kevo.replication.WALReplicationService/DropSlot',
             kevo_dot_replication__pb2.DropSlotRequest.SerializeToString,
             kevo_dot_replication__pb2.DropSlotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/StreamSnapshot',
+            kevo_dot_replication__pb2.SnapshotRequest.SerializeToString,
+            kevo_dot_replication__pb2.SnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kevo.replication.WALReplicationService/Promote',
+            kevo_dot_replication__pb2.PromoteRequest.SerializeToString,
+            kevo_dot_replication__pb2.PromoteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -175,8 +175,16 @@ def encode_raw_frame(
             f"frame of {len(raw)} raw bytes is outside 1..{FRAME_RAW_BYTES_MAX} bytes"
         )
     codec = Codec(codec)
-    payload = _compress(raw, codec, zstd_level)
-    return Frame(first_seq, last_seq, codec, len(raw), zlib.crc32(raw), payload)
+    payload, crc = compress_checked(raw, codec, zstd_level)
+    return Frame(first_seq, last_seq, codec, len(raw), crc, payload)
+
+
+def compress_checked(raw: bytes, codec: Codec, zstd_level: int = 1) -> tuple[bytes, int]:
+    """(payload, crc32): `raw` compressed with `codec`, and the CRC of `raw` itself.
+
+    Frames and snapshot chunks carry the same pair; `decompress_checked` undoes it.
+    """
+    return _compress(raw, codec, zstd_level), zlib.crc32(raw)
 
 
 def _compress(raw: bytes, codec: Codec, zstd_level: int) -> bytes:
@@ -232,23 +240,36 @@ def decode_frame_raw(
     """`decode_frame`, also returning the raw payload (unit offsets index into it), so a
     replica can write the units' bytes to its WAL without encoding them again."""
     where = f"frame {frame.first_seq}..{frame.last_seq}"
-    try:
-        codec = Codec(frame.codec)
-    except ValueError:
-        raise FrameError(f"{where}: unknown codec {frame.codec!r}") from None
-    if not 1 <= frame.raw_len <= raw_bytes_max:
-        raise FrameError(f"{where}: raw length {frame.raw_len} is outside 1..{raw_bytes_max}")
-    raw = _decompress(frame.payload, codec, frame.raw_len, where)
-    if len(raw) != frame.raw_len:
-        raise FrameError(f"{where}: payload is {len(raw)} bytes raw, frame says {frame.raw_len}")
-    if zlib.crc32(raw) != frame.crc32:
-        raise FrameError(f"{where}: CRC mismatch")
+    raw = decompress_checked(
+        frame.payload, frame.codec, frame.raw_len, frame.crc32, where, raw_bytes_max
+    )
     units = _decode_units(raw, where)
     if units[0].first_seq != frame.first_seq or units[-1].last_seq != frame.last_seq:
         raise FrameError(
             f"{where}: units span sequences {units[0].first_seq}..{units[-1].last_seq}"
         )
     return raw, units
+
+
+def decompress_checked(
+    payload: bytes, codec: int, raw_len: int, crc32: int, where: str, raw_bytes_max: int
+) -> bytes:
+    """The raw bytes of a (payload, crc32) pair, after every bounds, codec and CRC check.
+
+    `where` names the frame or chunk in the FrameError raised for anything that fails.
+    """
+    try:
+        known = Codec(codec)
+    except ValueError:
+        raise FrameError(f"{where}: unknown codec {codec!r}") from None
+    if not 1 <= raw_len <= raw_bytes_max:
+        raise FrameError(f"{where}: raw length {raw_len} is outside 1..{raw_bytes_max}")
+    raw = _decompress(payload, known, raw_len, where)
+    if len(raw) != raw_len:
+        raise FrameError(f"{where}: payload is {len(raw)} bytes raw, header says {raw_len}")
+    if zlib.crc32(raw) != crc32:
+        raise FrameError(f"{where}: CRC mismatch")
+    return raw
 
 
 def _decompress(payload: bytes, codec: Codec, raw_len: int, where: str) -> bytes:

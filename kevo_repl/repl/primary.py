@@ -29,22 +29,24 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
-from kevo_repl.errors import SequenceCompactedError
+from kevo_repl.errors import KevoReplError, SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
 from kevo_repl.repl.history import History
 from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.slots import SlotTable, encode_slots
+from kevo_repl.repl.snapshot_source import ImageReader
 from kevo_repl.repl.state_files import load_slots, write_state
 from kevo_repl.repl.status import store_digest
-from kevo_repl.repl.wire import to_message
+from kevo_repl.repl.wire import to_message, wire_codec
 from kevo_repl.store import Store
+from kevo_repl.store.base import StoreExport
 from kevo_repl.wal import WAL, Unit
 from kevo_repl.wal.codec import entry_payload
 
@@ -85,7 +87,27 @@ class Session:
     progress: ProgressMeter = field(default_factory=ProgressMeter)  # of applied_seq
 
 
+@dataclass(slots=True)
+class BootstrapSession:
+    """A snapshot being streamed to a replica (for status)."""
+
+    id: str
+    node_id: str
+    client_address: str
+    peer: str
+    snapshot_seq: int
+    size_estimate: int
+    store_format: str
+    sent_bytes: int = 0
+    progress: ProgressMeter = field(default_factory=ProgressMeter)  # of sent_bytes
+
+
 SLOT_HOLD = "replication-slots"
+# Why a stream was refused, for a replica to act on (trailing metadata "refusal"): it needs a
+# snapshot because the WAL no longer reaches its position, or its history diverged from ours.
+REFUSAL_KEY = "refusal"
+REFUSED_COMPACTED = "wal-compacted"
+REFUSED_DIVERGED = "diverged"
 
 
 class SlotKeeper:
@@ -144,6 +166,7 @@ class Sessions:
         self._wal = wal
         self.keeper = keeper or SlotKeeper(wal, None, 2**63)
         self._by_id: dict[str, Session] = {}
+        self.bootstraps: dict[str, BootstrapSession] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         # (durable seq, wall time) per fsync round, bounded: the basis of lag in seconds.
@@ -193,6 +216,24 @@ class Sessions:
     def close(self, session: Session) -> None:
         self._by_id.pop(session.id, None)
 
+    def open_bootstrap(
+        self, request: rpb.SnapshotRequest, peer: str, export: StoreExport
+    ) -> BootstrapSession:
+        boot = BootstrapSession(
+            f"snapshot-{time.time_ns()}-{next(self._ids)}",
+            request.node_id,
+            request.client_address,
+            peer,
+            export.applied_seq,
+            export.size_estimate,
+            export.format,
+        )
+        self.bootstraps[boot.id] = boot
+        return boot
+
+    def streams(self) -> int:
+        return len(self._by_id) + len(self.bootstraps)
+
     def get(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)
 
@@ -200,12 +241,19 @@ class Sessions:
         return list(self._by_id.values())
 
 
-def choose_codec(request: rpb.WALStreamRequest) -> Codec:
-    """The first codec the replica accepts that we speak; Kevo's flags as a fallback."""
+def first_known_codec(accepted: Iterable[int]) -> Codec | None:
     known = {int(c) for c in Codec}
-    for wire in request.accepted_codecs:
+    for wire in accepted:
         if int(wire) in known:
             return Codec(int(wire))
+    return None
+
+
+def choose_codec(request: rpb.WALStreamRequest) -> Codec:
+    """The first codec the replica accepts that we speak; Kevo's flags as a fallback."""
+    codec = first_known_codec(request.accepted_codecs)
+    if codec is not None:
+        return codec
     preferred = int(request.preferred_codec)
     if request.compression_supported and preferred in (Codec.ZSTD, Codec.SNAPPY):
         return Codec(preferred)
@@ -241,13 +289,32 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             applied_sequence=self.store.applied_seq() if self.store else 0,
             replicas=[
                 *(self._replica_status(s, durable, now) for s in self.sessions.all()),
+                *(self._bootstrap_status(b, durable) for b in self.sessions.bootstraps.values()),
                 *self._absent_replicas(durable, now),
             ],
+            history_id=self.history.current,
+        )
+
+    def _bootstrap_status(self, boot: BootstrapSession, durable: int) -> rpb.ReplicaStatus:
+        now = time.monotonic()
+        left = max(0, boot.size_estimate - boot.sent_bytes)
+        eta = boot.progress.eta_s(left, now)
+        return rpb.ReplicaStatus(
+            node_id=boot.node_id,
+            client_address=boot.client_address,
+            state="bootstrapping",
+            lag_entries=max(0, durable - boot.snapshot_seq),
+            connected=True,
+            apply_rate=boot.progress.rate(now),  # bytes per second while bootstrapping
+            eta_seconds=-1.0 if eta is None else eta,
+            bootstrap_bytes=boot.sent_bytes,
+            bootstrap_total_bytes=boot.size_estimate,
         )
 
     def _absent_replicas(self, durable: int, now: float) -> list[rpb.ReplicaStatus]:
         """Replicas known by their slot that are not streaming now."""
         streaming = {s.node_id for s in self.sessions.all()}
+        streaming |= {b.node_id for b in self.sessions.bootstraps.values()}
         out = []
         for slot in self.sessions.keeper.table:
             if slot.node_id in streaming:
@@ -335,12 +402,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.WALStreamResponse]:
         start = max(request.start_sequence, 1)
-        if len(self.sessions.all()) >= self.limits.streams_max:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this primary already streams to {self.limits.streams_max} replicas "
-                "(max_replicas); try again later or raise the limit",
-            )
+        await self._check_stream_room(context)
         await self._check_slot_room(request.node_id, context)
         await self._check_start(start, context, request.node_id)
         await self._check_history(request.history_id, start - 1, context)
@@ -356,6 +418,14 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         finally:
             self.sessions.close(session)
             log.info("replica %s (%s) stream ended", session.node_id or "?", session.peer)
+
+    async def _check_stream_room(self, context: grpc.aio.ServicerContext) -> None:
+        if self.sessions.streams() >= self.limits.streams_max:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this primary already streams to {self.limits.streams_max} replicas "
+                "(max_replicas); try again later or raise the limit",
+            )
 
     async def _check_slot_room(self, node_id: str, context: grpc.aio.ServicerContext) -> None:
         """Slots are bounded like streams: a client inventing node ids must not pile up slots
@@ -375,8 +445,9 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         if start > durable + 1:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"asked for sequence {start} but this primary's log ends at {durable}: "
-                "the replica has entries this primary never had",
+                f"diverged: asked for sequence {start} but this primary's log ends at "
+                f"{durable}: the replica has entries this primary never had",
+                trailing_metadata=((REFUSAL_KEY, REFUSED_DIVERGED),),
             )
         oldest = self.wal.first_seq
         if start < oldest and durable >= oldest:
@@ -384,6 +455,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})"
                 + self._lost_note(node_id),
+                trailing_metadata=((REFUSAL_KEY, REFUSED_COMPACTED),),
             )
 
     async def _check_history(
@@ -397,7 +469,8 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             grpc.StatusCode.FAILED_PRECONDITION,
             f"diverged: the replica holds sequence {held} under history {history_id}, but this "
             f"primary's sequence {held} is under history {ours}; the replica must be rebuilt "
-            "from an empty data directory",
+            "from a snapshot",
+            trailing_metadata=((REFUSAL_KEY, REFUSED_DIVERGED),),
         )
 
     def _lost_note(self, node_id: str) -> str:
@@ -429,7 +502,11 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             try:
                 responses = await self._next_responses(session, next_seq, durable)
             except SequenceCompactedError as err:
-                await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(err))
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    str(err),
+                    trailing_metadata=((REFUSAL_KEY, REFUSED_COMPACTED),),
+                )
             if not responses:  # durable but not yet readable: cannot happen, but never spin
                 await self._wait_for_more(session, durable + 1)
                 continue
@@ -439,6 +516,89 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 next_seq = last + 1
             last_sent_at = time.monotonic()
             behind = next_seq <= durable
+
+    async def StreamSnapshot(
+        self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.SnapshotChunk]:
+        """A consistent image of the store at S; the WAL from S + 1 is kept for the replica."""
+        store = self.store
+        if store is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this service has no store")
+        assert store is not None
+        await self._check_stream_room(context)
+        await self._check_slot_room(request.node_id, context)
+        codec = first_known_codec(request.accepted_codecs) or Codec.NONE
+        try:
+            export = await asyncio.to_thread(store.begin_export)
+        except KevoReplError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot take a snapshot: {err}")
+        if request.store_format and request.store_format != export.format:
+            export.close()
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this primary's store is {export.format!r}, the replica opens "
+                f"{request.store_format!r} images",
+            )
+        seq = export.applied_seq
+        image = ImageReader(export, codec, self.limits.zstd_level)
+        boot = self.sessions.open_bootstrap(request, context.peer(), export)
+        hold = boot.id
+        self.wal.hold(hold, seq + 1)  # until the replica's slot takes over
+        log.info("snapshot at %d for replica %s (%s)", seq, boot.node_id or "?", boot.peer)
+        try:
+            async for chunk in self._snapshot_chunks(image, boot, codec):
+                yield chunk
+            log.info("snapshot at %d sent to %s: %d bytes", seq, boot.peer, image.total_bytes)
+        finally:
+            image.abandon()
+            self.wal.release(hold)
+            self.sessions.bootstraps.pop(boot.id, None)
+
+    async def _snapshot_chunks(
+        self, image: ImageReader, boot: BootstrapSession, codec: Codec
+    ) -> AsyncIterator[rpb.SnapshotChunk]:
+        index = 0
+        while chunk := await asyncio.to_thread(image.next_chunk):
+            if not chunk.raw_len:
+                break
+            message = rpb.SnapshotChunk(
+                index=index,
+                snapshot_sequence=boot.snapshot_seq,
+                codec=wire_codec(codec),
+                raw_length=chunk.raw_len,
+                crc32=chunk.crc32,
+                payload=chunk.payload,
+            )
+            if index == 0:
+                self._describe_snapshot(message, boot)
+            yield message
+            index += 1
+            boot.sent_bytes += chunk.raw_len
+            boot.progress.observe(boot.sent_bytes, time.monotonic())
+        await asyncio.to_thread(image.finish)
+        # The image may hold entries the WAL has written but not yet made durable: the replica
+        # must never be ahead of what survives a crash here.
+        await asyncio.to_thread(self.wal.sync)
+        if boot.node_id:  # from now on its slot keeps the WAL after the snapshot
+            now = time.time()
+            table = self.sessions.keeper.table
+            table.connect(boot.node_id, boot.client_address, boot.snapshot_seq + 1, 0, now)
+            await self.sessions.keeper.maintain()
+        last = rpb.SnapshotChunk(
+            index=index,
+            snapshot_sequence=boot.snapshot_seq,
+            last=True,
+            total_bytes=image.total_bytes,
+            sha256=image.sha256,
+        )
+        if index == 0:
+            self._describe_snapshot(last, boot)
+        yield last
+
+    def _describe_snapshot(self, message: rpb.SnapshotChunk, boot: BootstrapSession) -> None:
+        message.history = self.history.to_json()
+        message.store_format = boot.store_format
+        message.size_estimate = boot.size_estimate
 
     async def _wait_for_more(self, session: Session, next_seq: int) -> bool:
         """Wait until the WAL is durable at `next_seq`; False after a quiet heartbeat interval."""

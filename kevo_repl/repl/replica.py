@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -28,12 +28,15 @@ from kevo_repl.node.engine import Engine
 from kevo_repl.node.service import Role
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.bootstrap import STORE_FORMAT, BootstrapError, fetch_snapshot
 from kevo_repl.repl.frames import Codec, FrameError, decode_frame_raw
 from kevo_repl.repl.history import History
+from kevo_repl.repl.primary import REFUSAL_KEY, REFUSED_COMPACTED, REFUSED_DIVERGED
 from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.replica_state import (
     Action,
     Apply,
+    Bootstrap,
     Connect,
     Disconnect,
     Fsync,
@@ -108,6 +111,9 @@ class ReplicaDriver:
         rng: random.Random | None = None,
         codecs: Sequence[Codec] = (Codec.ZSTD, Codec.SNAPPY, Codec.NONE),
         history_path: str | None = None,
+        data_dir: str | None = None,
+        reopen: Callable[[], Awaitable[None]] | None = None,
+        on_divergence: str = "rebootstrap",
     ) -> None:
         self.engine = engine
         self.primary = primary
@@ -118,6 +124,12 @@ class ReplicaDriver:
         # The primary's history as last adopted (kevo_repl/repl/history.py); None until then.
         self.history_path = history_path
         self.history = load_history(history_path) if history_path else None
+        # Bootstrap: where a snapshot goes, and how the node closes its store and WAL, switches
+        # to the snapshot and opens them again (None: this driver cannot bootstrap).
+        self.data_dir = data_dir
+        self.reopen = reopen
+        self.on_divergence = on_divergence  # "rebootstrap" or "refuse"
+        self.bootstrap_bytes = (0, 0)  # (received, estimated total) while bootstrapping
         self.core = ReplicaCore(
             applied_seq=engine.store.applied_seq(),
             received_seq=engine.wal.last_seq,
@@ -237,6 +249,8 @@ class ReplicaDriver:
             return self.core.on_retry()
         if isinstance(action, Rerequest):
             return []  # we reconnect from the next expected sequence instead of a Nack
+        if isinstance(action, Bootstrap):
+            return await self._bootstrap()
         raise AssertionError(f"unknown action {action!r}")
 
     async def _connect(self, start_seq: int) -> list[Action]:
@@ -264,13 +278,89 @@ class ReplicaDriver:
             self._drop_stream()
             return self._error(f"cannot stream from {self.primary}: {_describe(err)}")
         headers = dict(metadata or ())
+        if "session-id" not in headers:  # refused before it began: say why, act on it
+            return await self._refused(call)
         stream.session_id = str(headers.get("session-id", ""))
-        refused = await self._adopt_history(str(headers.get("history", "")), start_seq - 1)
-        if refused:
+        diverged = await self._adopt_history(str(headers.get("history", "")), start_seq - 1)
+        if diverged:
             self._drop_stream()
-            return self._error(refused)
+            return self._after_refusal(diverged, REFUSED_DIVERGED)
         log.info("streaming from %s, starting at sequence %d", self.primary, start_seq)
         return self.core.on_connected()
+
+    async def _refused(self, call: grpc.aio.UnaryStreamCall) -> list[Action]:
+        try:
+            code = await asyncio.wait_for(call.code(), RPC_TIMEOUT_S)
+            details = await call.details()
+            trailing = dict(await call.trailing_metadata() or ())
+        except TimeoutError:
+            self._drop_stream()
+            return self._error(f"{self.primary} neither streams nor refuses")
+        self._drop_stream()
+        reason = f"{self.primary} refused to stream: {code.name}: {details}"
+        return self._after_refusal(reason, str(trailing.get(REFUSAL_KEY, "")))
+
+    def _after_refusal(self, reason: str, refusal: str) -> list[Action]:
+        """Bootstrap when a snapshot is the cure and we may take one; otherwise an error."""
+        if refusal == REFUSED_DIVERGED and self.on_divergence != "rebootstrap":
+            return self._error(
+                f"{reason} (on_divergence = {self.on_divergence!r}: this replica keeps its "
+                "diverged store and does not follow; rebuild it, or set on_divergence = "
+                '"rebootstrap")'
+            )
+        if refusal in (REFUSED_COMPACTED, REFUSED_DIVERGED) and self.data_dir and self.reopen:
+            log.warning("%s; bootstrapping from a snapshot of the primary's store", reason)
+            self.last_error = reason
+            return self.core.on_bootstrap_needed(reason)
+        return self._error(reason)
+
+    async def _bootstrap(self) -> list[Action]:
+        assert self._stub is not None and self.data_dir and self.reopen
+        request = rpb.SnapshotRequest(
+            node_id=self.node_id,
+            accepted_codecs=self.codecs,
+            client_address=self.client_address,
+            store_format=STORE_FORMAT,
+        )
+        self.progress = ProgressMeter()  # of bytes received, while bootstrapping
+        started = time.monotonic()
+        try:
+            seq = await fetch_snapshot(self._stub, request, self.data_dir, self._note_bootstrap)
+        except BootstrapError as err:
+            return self._error(f"bootstrap failed: {err}")
+        finally:
+            self.bootstrap_bytes = (0, 0)
+        # Fatal if it fails: the node has closed its store and WAL; the next start finishes
+        # the switch (bootstrap.ready is the commit point) and opens them again.
+        await self.reopen()
+        self.history = load_history(self.history_path) if self.history_path else None
+        self._frame = None
+        self.progress = ProgressMeter()
+        self.last_error = ""
+        log.info(
+            "bootstrapped from a snapshot of %s at sequence %d in %.1f s",
+            self.primary,
+            seq,
+            time.monotonic() - started,
+        )
+        return self.core.on_bootstrapped(seq)
+
+    def _note_bootstrap(self, received: int, total: int) -> None:
+        now = time.monotonic()
+        self.bootstrap_bytes = (received, total)
+        self.progress.observe(received, now)
+        if now - self._progress_logged < PROGRESS_LOG_S:
+            return
+        self._progress_logged = now
+        eta = self.progress.eta_s(max(0, total - received), now)
+        log.info(
+            "bootstrapping from %s: %.1f of about %.1f MB, %.1f MB/s, %s left",
+            self.primary,
+            received / 1e6,
+            total / 1e6,
+            self.progress.rate(now) / 1e6,
+            "unknown time" if eta is None else f"about {eta:.0f} s",
+        )
 
     async def _adopt_history(self, text: str, held: int) -> str:
         """Take the primary's history if our position lies on it; else why not (diverged)."""
@@ -284,8 +374,7 @@ class ReplicaDriver:
         if ours is not None and not theirs.contains(ours.id_at(held) or "", held):
             return (
                 f"diverged: this replica holds sequence {held} under history "
-                f"{ours.id_at(held)}, which is not the primary's; rebuild it from an empty "
-                "data directory"
+                f"{ours.id_at(held)}, which is not the primary's"
             )
         if theirs != ours:
             if self.history_path:
@@ -388,7 +477,9 @@ class ReplicaStatusService(NoSlots):
         primary_last = core.primary_last_seq or 0
         lag = d.lag_entries()
         now = time.monotonic()
-        eta = d.progress.eta_s(lag, now)
+        received, total = d.bootstrap_bytes
+        left = max(0, total - received) if core.state is State.BOOTSTRAPPING else lag
+        eta = d.progress.eta_s(left, now)
         return rpb.ReplicationStatus(
             role="replica",
             last_sequence=d.engine.wal.last_seq,
@@ -402,6 +493,9 @@ class ReplicaStatusService(NoSlots):
             last_error=d.last_error,
             apply_rate=d.progress.rate(now),
             eta_seconds=-1.0 if eta is None else eta,
+            bootstrap_bytes=received,
+            bootstrap_total_bytes=total,
+            history_id=(d.history.id_at(core.received_seq) or "") if d.history else "",
         )
 
 

@@ -14,6 +14,7 @@ happy path is reachable::
       --new_units--> FSYNC_PENDING --fsynced--> APPLYING_ENTRIES --applied--> ACKNOWLEDGING
       --ack_sent (or ack_deferred)--> WAITING_FOR_DATA
     any state but ERROR --error--> ERROR --retry (after the Sleep)--> CONNECTING
+    CONNECTING --bootstrap--> BOOTSTRAPPING --bootstrapped--> CONNECTING (from the snapshot)
 
 STREAMING_ENTRIES is transient: `on_frame` enters it and leaves it in the same call, by one of the
 core's own decisions (`CORE_EVENTS`): new_units, nothing_new (every unit was a duplicate) or error
@@ -88,6 +89,7 @@ class State(IntEnum):
     ACKNOWLEDGING = 4
     WAITING_FOR_DATA = 5
     ERROR = 6
+    BOOTSTRAPPING = 7  # ours: fetching a snapshot of the primary's store
 
 
 class EventType(Enum):
@@ -101,6 +103,8 @@ class EventType(Enum):
     ERROR = "error"
     RETRY = "retry"
     TICK = "tick"
+    BOOTSTRAP = "bootstrap"  # the primary cannot stream from our position: take a snapshot
+    BOOTSTRAPPED = "bootstrapped"  # the snapshot is our store now
     # The core's own decisions, made inside the call that handles a driver event.
     NEW_UNITS = "new_units"  # a frame continues at received_seq + 1
     NOTHING_NEW = "nothing_new"  # every unit of a frame was already received
@@ -142,6 +146,10 @@ TRANSITIONS: dict[tuple[State, EventType], State] = {
     (_S.ACKNOWLEDGING, _E.ERROR): _S.ERROR,
     (_S.ERROR, _E.RETRY): _S.CONNECTING,
     (_S.ERROR, _E.TICK): _S.ERROR,
+    (_S.CONNECTING, _E.BOOTSTRAP): _S.BOOTSTRAPPING,
+    (_S.BOOTSTRAPPING, _E.BOOTSTRAPPED): _S.CONNECTING,
+    (_S.BOOTSTRAPPING, _E.TICK): _S.BOOTSTRAPPING,
+    (_S.BOOTSTRAPPING, _E.ERROR): _S.ERROR,
 }
 
 # States in which the core waits on the primary, and what a too-long wait means.
@@ -234,13 +242,23 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class Bootstrap:
+    """Fetch a snapshot of the primary's store and make it ours; report `on_bootstrapped(seq)`
+    with the snapshot's sequence, or `on_error` (the old store stays as it was)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     """Back off until `until` on the core's clock, then call `on_retry`."""
 
     until: float
 
 
-Action: TypeAlias = Connect | WriteUnits | Fsync | Apply | SendAck | Rerequest | Disconnect | Sleep
+Action: TypeAlias = (
+    Connect | WriteUnits | Fsync | Apply | SendAck | Rerequest | Disconnect | Sleep | Bootstrap
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +460,26 @@ class ReplicaCore:
     def on_error(self, reason: str) -> list[Action]:
         """The stream broke, the connect failed, the primary refused: back off, then retry."""
         return self._fail(reason)
+
+    def on_bootstrap_needed(self, reason: str) -> list[Action]:
+        """The primary refused to stream from our position and a snapshot can fix that (its WAL
+        no longer reaches back to us, or our history diverged from its and the policy says
+        rebuild)."""
+        self._move(EventType.BOOTSTRAP)
+        self._last_error = reason
+        return [Disconnect(reason), Bootstrap(reason)]
+
+    def on_bootstrapped(self, seq: int) -> list[Action]:
+        """The store is now a snapshot at `seq` and the WAL is empty after it: every position
+        starts again there (the one place they may go back: the old store is gone)."""
+        self._check(EventType.BOOTSTRAPPED)
+        self._check_seq(EventType.BOOTSTRAPPED, "seq", seq)
+        self._move(EventType.BOOTSTRAPPED)
+        self._received = self._flushed = self._applied = seq
+        self._failures = 0
+        self._last_error = None
+        self._primary_wait_since = self._clock()
+        return [Connect(seq + 1)]
 
     def on_retry(self) -> list[Action]:
         self._move(EventType.RETRY)

@@ -46,6 +46,26 @@ class StoreStats:
     size_bytes: int  # bytes used on disk (LMDB: pages in use) or in memory (keys plus values)
 
 
+class StoreExport(Protocol):
+    """A consistent image of a store at one applied sequence, begun by `Store.begin_export`.
+
+    Holds a read snapshot until closed (LMDB: one read transaction; pages it sees are not
+    reused meanwhile), so writes go on while the image is written.
+    """
+
+    applied_seq: int  # the image holds every entry up to here and none after
+    format: str  # what opens the image: "lmdb" (a data.mdb) or "memory"
+    size_estimate: int  # roughly how many bytes `write_to` writes
+
+    def write_to(self, fd: int) -> None:
+        """Write the whole image to `fd` (blocking; once). StoreError if that fails."""
+        ...
+
+    def close(self) -> None:
+        """Release the snapshot; idempotent."""
+        ...
+
+
 class Store(Protocol):
     """Applied state of one node. Implementations are safe to call from several threads."""
 
@@ -89,8 +109,14 @@ class Store(Protocol):
         """(applied_seq, content_digest) from one consistent snapshot."""
         ...
 
+    def begin_export(self) -> StoreExport:
+        """A consistent image of the store as it is now (replica bootstrap)."""
+        ...
+
     def close(self) -> None:
-        """Release the store; idempotent. Any later call raises StoreClosedError."""
+        """Release the store; idempotent. Any later call raises StoreClosedError.
+
+        Waits for open exports to be closed."""
         ...
 
 

@@ -168,6 +168,25 @@ class LmdbStore:
             applied = _decode_applied(txn.get(_APPLIED_KEY, db=self._meta), self._path)
             return applied, content_digest(txn.cursor())
 
+    def begin_export(self) -> _LmdbExport:
+        self._enter()
+        try:
+            txn = self._env.begin()
+            try:
+                applied = _decode_applied(txn.get(_APPLIED_KEY, db=self._meta), self._path)
+                info = self._env.info()
+                estimate = (info["last_pgno"] + 1) * txn.stat()["psize"]
+            except BaseException:
+                txn.abort()
+                raise
+        except lmdb.Error as e:
+            self._exit()
+            raise StoreError(f"{self._path}: cannot begin an export: {e}") from e
+        except BaseException:
+            self._exit()
+            raise
+        return _LmdbExport(self, txn, applied, estimate)
+
     def close(self) -> None:
         with self._users:
             if self._closed:
@@ -195,9 +214,7 @@ class LmdbStore:
     @contextlib.contextmanager
     def _using(self) -> Iterator[None]:
         """Mark a call as inside LMDB and translate LMDB's errors into StoreError."""
-        with self._users:
-            self._check_open()
-            self._active += 1
+        self._enter()
         try:
             yield
         except lmdb.MapFullError as e:
@@ -205,13 +222,57 @@ class LmdbStore:
         except lmdb.Error as e:
             raise StoreError(f"{self._path}: LMDB error: {e}") from e
         finally:
-            with self._users:
-                self._active -= 1
-                self._users.notify_all()
+            self._exit()
+
+    def _enter(self) -> None:
+        with self._users:
+            self._check_open()
+            self._active += 1
+
+    def _exit(self) -> None:
+        with self._users:
+            self._active -= 1
+            self._users.notify_all()
 
     def _read_applied(self) -> int:
         with self._env.begin() as txn:
             return _decode_applied(txn.get(_APPLIED_KEY, db=self._meta), self._path)
+
+
+IMAGE_FILE = "data.mdb"  # what an export writes: the store directory's data file
+
+
+class _LmdbExport:
+    """A compacted copy of the environment from one read transaction (mdb_env_copyfd2)."""
+
+    format = "lmdb"
+
+    def __init__(
+        self, store: LmdbStore, txn: lmdb.Transaction[bytes], applied: int, estimate: int
+    ) -> None:
+        self._store = store
+        self._txn: lmdb.Transaction[bytes] | None = txn
+        self.applied_seq = applied
+        self.size_estimate = estimate
+        self._lock = threading.Lock()  # close() may come from another thread than write_to
+
+    def write_to(self, fd: int) -> None:
+        with self._lock:
+            txn = self._txn
+            if txn is None:
+                raise StoreError(f"{self._store.path}: the export was closed")
+            try:
+                # compact: free pages are left out, so the image is what the data takes
+                self._store._env.copyfd(fd, compact=True, txn=txn)
+            except lmdb.Error as e:
+                raise StoreError(f"{self._store.path}: export failed: {e}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            txn, self._txn = self._txn, None
+            if txn is not None:
+                txn.abort()
+                self._store._exit()
 
 
 def _write_entries(txn: lmdb.Transaction[bytes], entries: Sequence[Entry]) -> None:

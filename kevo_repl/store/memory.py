@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import bisect
+import os
+import struct
 import threading
 from collections.abc import Sequence
 
@@ -15,6 +17,9 @@ from kevo_repl.store.base import (
     pending_entries,
 )
 from kevo_repl.wal.codec import Entry, Op
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 class MemoryStore:
@@ -85,6 +90,12 @@ class MemoryStore:
             self._check_open()
             return self._applied, content_digest((k, self._data[k]) for k in self._keys)
 
+    def begin_export(self) -> MemoryExport:
+        with self._lock:
+            self._check_open()
+            items = [(k, self._data[k]) for k in self._keys]
+            return MemoryExport(items, self._applied, self._size_bytes)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -111,3 +122,52 @@ class MemoryStore:
             return
         del self._keys[bisect.bisect_left(self._keys, key)]
         self._size_bytes -= len(key) + len(old)
+
+
+class MemoryExport:
+    """A copy of the items taken under the lock; the image is u64 applied_seq, then each key
+    and value with a u32 length prefix (read back by `load_image`)."""
+
+    format = "memory"
+
+    def __init__(self, items: list[tuple[bytes, bytes]], applied: int, size: int) -> None:
+        self._items = items
+        self.applied_seq = applied
+        self.size_estimate = size
+
+    def write_to(self, fd: int) -> None:
+        parts = [_U64.pack(self.applied_seq)]
+        for key, value in self._items:
+            parts += (_U32.pack(len(key)), key, _U32.pack(len(value)), value)
+        view = memoryview(b"".join(parts))
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def close(self) -> None:
+        self._items = []
+
+
+def load_image(image: bytes) -> MemoryStore:
+    """The store a MemoryExport image holds; ValueError if it is not one."""
+    if len(image) < _U64.size:
+        raise ValueError("a memory store image starts with an 8-byte applied sequence")
+    applied = _U64.unpack_from(image)[0]
+    pos = _U64.size
+    store = MemoryStore()
+    while pos < len(image):
+        key, pos = _field(image, pos)
+        value, pos = _field(image, pos)
+        check_key(key)
+        store._set(key, value)
+    store._applied = store._durable = applied
+    return store
+
+
+def _field(image: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + _U32.size > len(image):
+        raise ValueError(f"truncated length at offset {pos}")
+    (size,) = _U32.unpack_from(image, pos)
+    start = pos + _U32.size
+    if start + size > len(image):
+        raise ValueError(f"field at offset {pos} runs past the end of the image")
+    return image[start : start + size], start + size
