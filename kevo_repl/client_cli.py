@@ -132,22 +132,45 @@ def _progress(rate: float, eta_s: float) -> str:
     return f"; applying {rate:,.0f} entries/s{left}"
 
 
+def _bootstrap(done: int, total: int, rate: float, eta_s: float) -> str:
+    """Snapshot progress: while bootstrapping, `rate` counts bytes, not entries."""
+    left = "" if eta_s <= 0 else f", done in about {eta_s:.0f} s"
+    speed = f", {rate / 1e6:.1f} MB/s" if rate > 0 else ""
+    return f"snapshot {done / 1e6:.1f} of about {total / 1e6:.1f} MB{speed}{left}"
+
+
 def format_status(status: rpb.ReplicationStatus, as_json: bool) -> str:
     if as_json:
         return _json(status)
+    history = f", history {status.history_id[:12]}" if status.history_id else ""
     lines = [
         f"role {status.role}: last {status.last_sequence}, durable {status.durable_sequence}, "
-        f"applied {status.applied_sequence}"
+        f"applied {status.applied_sequence}{history}"
     ]
     if status.role == "replica":
-        lines.append(
-            f"following {status.primary_address}: state {status.state}, primary at "
-            f"{status.primary_durable_sequence}, lag {status.lag_entries} entries "
-            f"({status.lag_seconds:.3f} s){_progress(status.apply_rate, status.eta_seconds)}"
-        )
+        if status.state == "BOOTSTRAPPING":
+            progress = _bootstrap(
+                status.bootstrap_bytes,
+                status.bootstrap_total_bytes,
+                status.apply_rate,
+                status.eta_seconds,
+            )
+            lines.append(f"following {status.primary_address}: state BOOTSTRAPPING, {progress}")
+        else:
+            lines.append(
+                f"following {status.primary_address}: state {status.state}, primary at "
+                f"{status.primary_durable_sequence}, lag {status.lag_entries} entries "
+                f"({status.lag_seconds:.3f} s){_progress(status.apply_rate, status.eta_seconds)}"
+            )
         if status.last_error:
             lines.append(f"last error: {status.last_error}")
     for r in status.replicas:
+        if r.state == "bootstrapping":
+            progress = _bootstrap(
+                r.bootstrap_bytes, r.bootstrap_total_bytes, r.apply_rate, r.eta_seconds
+            )
+            lines.append(f"  replica {r.client_address or r.node_id}: bootstrapping; {progress}")
+            continue
         lines.append(
             f"  replica {r.client_address or r.node_id}: {r.state}; sent {r.sent_sequence}, "
             f"received {r.received_sequence}, flushed {r.flushed_sequence}, applied "

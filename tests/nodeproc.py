@@ -63,7 +63,14 @@ class NodeError(RuntimeError):
 class NodeProcess:
     """One `kevo-repl serve` subprocess listening on 127.0.0.1:port."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int, *extra_args: str) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.extra_env = env or {}
         self._setup(
             ["--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", *extra_args],
             port,
@@ -74,6 +81,7 @@ class NodeProcess:
     def from_args(cls, serve_args: list[str], port: int, data_dir: str = "") -> NodeProcess:
         """`kevo-repl serve SERVE_ARGS` (e.g. only `--config FILE`) that listens on `port`."""
         node = cls.__new__(cls)
+        node.extra_env = {}
         node._setup(serve_args, port, data_dir)
         return node
 
@@ -97,7 +105,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(
             self.args,
             cwd=REPO,
-            env=node_env(),
+            env={**node_env(), **self.extra_env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from nodeproc import NodeProcess, free_port, run_cli
 
+from kevo_repl.client_cli import format_status
+from kevo_repl.proto import replication_pb2 as rpb
+
 
 def test_put_get_scan_delete_through_the_cli(tmp_path: Path) -> None:
     port = free_port()
@@ -33,3 +36,31 @@ def test_put_get_scan_delete_through_the_cli(tmp_path: Path) -> None:
 def test_cli_reports_an_unreachable_node() -> None:
     result = run_cli("get", "--addr", f"127.0.0.1:{free_port()}", "k")
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+
+
+def test_status_shows_bootstrap_progress_on_both_sides() -> None:
+    replica = rpb.ReplicationStatus(
+        role="replica",
+        primary_address="127.0.0.1:1",
+        state="BOOTSTRAPPING",
+        bootstrap_bytes=3_000_000,
+        bootstrap_total_bytes=12_000_000,
+        apply_rate=1_500_000,
+        eta_seconds=6,
+        history_id="0123456789abcdef",
+    )
+    text = format_status(replica, as_json=False)
+    assert "history 0123456789ab" in text
+    assert "state BOOTSTRAPPING, snapshot 3.0 of about 12.0 MB, 1.5 MB/s, done in about 6 s" in text
+    primary = rpb.ReplicationStatus(
+        role="primary",
+        replicas=[
+            rpb.ReplicaStatus(
+                node_id="n1", state="bootstrapping", bootstrap_bytes=0, bootstrap_total_bytes=5
+            )
+        ],
+    )
+    assert "replica n1: bootstrapping; snapshot 0.0 of about 0.0 MB" in format_status(
+        primary, as_json=False
+    )
+    assert '"bootstrap_total_bytes": "5"' in format_status(primary, as_json=True)

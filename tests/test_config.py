@@ -50,6 +50,7 @@ def test_example_config_is_valid_and_complete() -> None:
         ({"data_dir": "d", "replication_codecs": "zstd,lz4"}, "replication_codecs must list"),
         ({"data_dir": "d", "replication_codecs": "zstd,zstd"}, "replication_codecs must list"),
         ({"data_dir": "d", "replication_codecs": " , "}, "replication_codecs must list"),
+        ({"data_dir": "d", "on_divergence": "ignore"}, "on_divergence must be rebootstrap or"),
         ({"data_dir": "d", "replication_window_bytes": 0}, "must be positive"),
         ({"data_dir": "d", "max_replicas": 0}, "max_replicas must be positive"),
     ],

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from nodeproc import NodeProcess, free_port, kevo_stub, run_cli
+from nodeproc import NodeProcess, free_port, kevo_stub, node_env, run_cli
 
 from kevo_repl.proto import service_pb2 as pb
 
@@ -546,3 +548,24 @@ def test_unusable_directory_is_a_message_not_a_traceback(
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     assert str(blocker) in out.stderr
+
+
+def test_cli_bad_failpoint_setting(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", str(tmp_path)],
+        env={**node_env(), "KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=soon"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "snapshot_chunk_delay needs a number of seconds" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    with NodeProcess(tmp_path, free_port()):
+        r = serve("--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{free_port()}")
+        assert r.returncode == 4, r.stderr
+        assert str(tmp_path) in r.stderr and "Traceback" not in r.stderr

@@ -18,7 +18,7 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kevo_repl import __version__, fsutil
+from kevo_repl import __version__, failpoints, fsutil
 from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
@@ -178,6 +178,7 @@ async def _switch_to_snapshot(engine: Engine, config: NodeConfig) -> None:
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set (or SIGTERM/SIGINT arrives)."""
     stop = stop or asyncio.Event()
+    failpoints.active()  # a malformed KEVO_REPL_FAILPOINTS fails the start, not a stream
     os.makedirs(config.data_dir, exist_ok=True)
     lock_fd = fsutil.lock_directory(config.data_dir, StoreLockedError, StoreError)
     try:

@@ -31,7 +31,8 @@ from kevo_repl.errors import KevoReplError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.history import History
-from kevo_repl.repl.snapshot import Chunk, SnapshotError, SnapshotReceiver
+from kevo_repl.repl.snapshot import SnapshotError, SnapshotReceiver
+from kevo_repl.repl.wire import chunk_of
 from kevo_repl.store.lmdb_store import IMAGE_FILE
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ async def _receive(
             history = _first_chunk(message)
             estimate = message.size_estimate
         await asyncio.to_thread(_accept, receiver, message, fd, path)
-        progress(receiver.received_bytes, max(estimate, receiver.received_bytes))
+        got = receiver.received_bytes
+        progress(got, got if receiver.done else max(estimate, got))  # exact once complete
     assert receiver.snapshot_seq is not None and history is not None
     return receiver.snapshot_seq, history
 
@@ -135,19 +137,7 @@ def _first_chunk(message: rpb.SnapshotChunk) -> History:
 
 def _accept(receiver: SnapshotReceiver, message: rpb.SnapshotChunk, fd: int, path: str) -> None:
     """Check one chunk and append its bytes to the image (worker thread)."""
-    raw = receiver.accept(
-        Chunk(
-            message.index,
-            message.snapshot_sequence,
-            message.codec,
-            message.raw_length,
-            message.crc32,
-            message.payload,
-            message.last,
-            message.total_bytes,
-            message.sha256,
-        )
-    )
+    raw = receiver.accept(chunk_of(message))
     try:
         fsutil.write_all(fd, raw)
     except OSError as err:

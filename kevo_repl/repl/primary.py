@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from kevo_repl import failpoints
 from kevo_repl.errors import KevoReplError, SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
@@ -558,9 +559,12 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self, image: ImageReader, boot: BootstrapSession, codec: Codec
     ) -> AsyncIterator[rpb.SnapshotChunk]:
         index = 0
+        delay = failpoints.delay_s("snapshot_chunk_delay")
         while chunk := await asyncio.to_thread(image.next_chunk):
             if not chunk.raw_len:
                 break
+            if delay:
+                await asyncio.sleep(delay)
             message = rpb.SnapshotChunk(
                 index=index,
                 snapshot_sequence=boot.snapshot_seq,

@@ -1,9 +1,11 @@
-"""Conversions between the frame codec's `Frame` and its protobuf message, in one place."""
+"""Conversions between the pure codecs' types (frames, snapshot chunks) and their protobuf
+messages, in one place."""
 
 from __future__ import annotations
 
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.repl.frames import Codec, Frame
+from kevo_repl.repl.snapshot import Chunk
 
 
 def wire_codec(codec: Codec) -> str:
@@ -32,4 +34,19 @@ def from_message(message: rpb.Frame) -> Frame:
         message.raw_length,
         message.crc32,
         message.payload,
+    )
+
+
+def chunk_of(message: rpb.SnapshotChunk) -> Chunk:
+    """The fields of a snapshot chunk that `SnapshotReceiver` checks."""
+    return Chunk(
+        message.index,
+        message.snapshot_sequence,
+        message.codec,
+        message.raw_length,
+        message.crc32,
+        message.payload,
+        message.last,
+        message.total_bytes,
+        message.sha256,
     )
