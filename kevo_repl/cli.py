@@ -90,6 +90,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             serve.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper())
 
 
+CLIENT_COMMANDS = ("put", "get", "delete", "scan", "status", "digest", "slots", "promote")
+
+
 def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, helptext in (
         ("put", "write KEY=VALUE"),
@@ -99,17 +102,18 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
         ("status", "replication role, positions and lag of a node"),
         ("digest", "sha256 of a node's store at its applied sequence, to compare nodes"),
         ("slots", "a primary's replication slots: list them, or --drop one"),
+        ("promote", "make a replica a primary: it stops following and takes writes"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--addr", required=True, help="HOST:PORT of a node")
-        if name not in ("scan", "status", "digest", "slots"):
+        if name in ("put", "get", "delete"):
             p.add_argument("key")
         if name == "put":
             p.add_argument("value")
             p.add_argument("--sync", action="store_true", help="wait until the write is on disk")
         if name == "slots":
             p.add_argument("--drop", metavar="NODE_ID", help="forget this replica's slot")
-        if name in ("status", "digest", "slots"):
+        if name in ("status", "digest", "slots", "promote"):
             p.add_argument("--json", action="store_true", help="one JSON object")
         if name == "status":
             p.add_argument("--watch", action="store_true", help="repeat every second until ^C")
@@ -151,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return walcli.repair(args.path, sys.stdout)
     if args.command == "serve":
         return _serve(args)
-    if args.command in ("put", "get", "delete", "scan", "status", "digest", "slots"):
+    if args.command in CLIENT_COMMANDS:
         from kevo_repl.client_cli import run_client
 
         return run_client(args)

@@ -110,10 +110,25 @@ def _slots(channel: grpc.Channel, args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    # Waits for the replica to stop following and apply what its WAL holds.
+    reply = stub.Promote(rpb.PromoteRequest(), timeout=TIMEOUT_S * 12)
+    if args.json:
+        print(_json(reply))
+    else:
+        print(
+            f"{args.addr} is a primary now: history {reply.history_id} starts at sequence "
+            f"{reply.sequence + 1}; point the other replicas at it"
+        )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[grpc.Channel, argparse.Namespace], int]] = {
     "status": _status,
     "digest": _digest,
     "slots": _slots,
+    "promote": _promote,
 }
 
 

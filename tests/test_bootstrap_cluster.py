@@ -168,3 +168,59 @@ def _wait_bootstrap_bytes(replica: NodeProcess) -> None:
             return
         assert time.monotonic() < deadline, f"no bootstrap seen:\n{replica.stderr()[-3000:]}"
         time.sleep(0.05)
+
+
+def test_promote_a_replica_and_repoint_the_others(tmp_path: Path) -> None:
+    """Old primary P0 and replicas R1 (stopped early: behind) and R2 (up to date).
+
+    R2 is promoted after P0 took writes neither replica has. R1's history is a prefix of R2's
+    new one: it continues from its position. P0's is not (it holds entries past the fork): it is
+    rebuilt from a snapshot. Every node ends with R2's data.
+    """
+    p0 = NodeProcess(tmp_path / "p0", free_port(), "--role", "primary", *TIGHT)
+    r1 = start_replica(tmp_path / "r1", p0)
+    r2 = start_replica(tmp_path / "r2", p0)
+    nodes = [p0, r1, r2]
+    try:
+        write_entries(p0, "a", 2000)
+        wait_same(p0, r1)
+        wait_same(p0, r2)
+        r1.stop()  # R1 falls behind
+        write_entries(p0, "b", 3000)
+        wait_same(p0, r2)
+        r2.stop()
+        write_entries(p0, "c", 500)  # only P0 has these
+        p0.stop()
+        r2.start()
+        refused = run_cli("put", "--addr", r2.address, "k", "v")
+        assert refused.returncode == 1 and "read-only replica" in refused.stderr
+        out = run_cli("promote", "--addr", r2.address, "--json")
+        assert out.returncode == 0, out.stderr
+        promoted = json.loads(out.stdout)
+        assert int(promoted["sequence"]) == 5000
+        again = run_cli("promote", "--addr", r2.address)
+        assert again.returncode == 1 and "this node is a primary node" in again.stderr
+        write_entries(r2, "d", 1000)  # it takes writes now
+        assert status(r2).role == "primary"
+        assert status(r2).history_id == promoted["history_id"]
+
+        r1.args[r1.args.index("--primary") + 1] = r2.address  # re-point R1
+        r1.start()
+        wait_same(r2, r1)
+        assert SNAPSHOT not in r1.stderr()  # a prefix of the new history: it just continued
+
+        p0.args[p0.args.index("primary")] = "replica"  # the old primary follows R2 now
+        p0.args += ["--primary", r2.address]
+        p0.start()
+        wait_same(r2, p0)
+        assert "diverged" in p0.stderr() and SNAPSHOT in p0.stderr()
+
+        r2.stop()  # a restart keeps it a primary, whatever its config says
+        r2.start()
+        assert status(r2).role == "primary" and "was promoted" in r2.stderr()
+        write_entries(r2, "e", 100)
+        wait_same(r2, r1)
+        wait_same(r2, p0)
+    finally:
+        for node in nodes:
+            node.close()

@@ -165,3 +165,17 @@ def test_a_node_with_a_corrupt_history_exits_with_the_file_named(tmp_path: Path)
     assert out.returncode == 1
     assert f"{tmp_path / 'HISTORY'}: corrupt state file" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_fork_starts_a_new_line_of_writes() -> None:
+    from kevo_repl.node.promotion import fork
+
+    old = History((("a", 1), ("b", 10)))
+    new = fork(old, 25)
+    assert new.entries[:2] == old.entries and new.entries[2][1] == 25
+    assert new.contains("b", 24) and not new.contains("b", 25)
+    assert new.contains(new.current, 25)
+    again = fork(old, 10)  # nothing was written under "b": it is replaced, not kept empty
+    assert again.entries[0] == ("a", 1) and again.entries[1][1] == 10 and len(again.entries) == 2
+    assert fork(None, 1).entries[0][1] == 1
+    assert History.from_json(new.to_json()) == new

@@ -128,7 +128,7 @@ def test_past_the_cap_the_slot_is_lost_then_bootstrapped(tmp_path: Path) -> None
         primary.close()
 
 
-def test_slot_calls_on_a_node_that_is_not_a_primary_are_refused(tmp_path: Path) -> None:
+def test_slot_snapshot_and_promote_calls_on_a_standalone_node_are_refused(tmp_path: Path) -> None:
     with NodeProcess(tmp_path / "s", free_port()) as node:
         out = run_cli("slots", "--addr", node.address)
         assert out.returncode == 1
@@ -137,3 +137,10 @@ def test_slot_calls_on_a_node_that_is_not_a_primary_are_refused(tmp_path: Path) 
         with pytest.raises(grpc.RpcError) as info:
             stub.DropSlot(rpb.DropSlotRequest(node_id="x"), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.StreamSnapshot(rpb.SnapshotRequest(), timeout=10))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "only a primary sends snapshots" in str(info.value.details())
+        promote = run_cli("promote", "--addr", node.address)
+        assert promote.returncode == 1
+        assert "only a replica can be promoted; this node is a standalone node" in promote.stderr

@@ -159,6 +159,11 @@ class Engine:
         await asyncio.to_thread(self.wal.apply_retention, self.retention)
         return durable
 
+    async def replay_wal(self) -> int:
+        """Apply what the WAL holds beyond the store (a replica about to be promoted)."""
+        async with self._apply_lock:
+            return await asyncio.to_thread(self._replay, self.store.applied_seq())
+
     async def replace_parts(self, reopen: Callable[[], tuple[WAL, Store]]) -> None:
         """Close the WAL and the store, then run `reopen` (on a worker thread) and use the WAL
         and store it opens: a replica switching to a snapshot. Writes must not be running (a

@@ -22,6 +22,7 @@ from kevo_repl import __version__, failpoints, fsutil
 from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
+from kevo_repl.node.promotion import PROMOTED_FILE, Promotion, ReplicationDispatch
 from kevo_repl.node.service import Counters, KevoService, Role
 from kevo_repl.node.transactions import TxRegistry
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
@@ -30,6 +31,7 @@ from kevo_repl.proto import service_pb2_grpc
 from kevo_repl.proto.services import KEVO_SERVICE, enable_reflection
 from kevo_repl.repl.bootstrap import complete_switch, discard_partial
 from kevo_repl.repl.frames import Codec
+from kevo_repl.repl.history import History
 from kevo_repl.repl.primary import (
     ElsewhereService,
     ReplicationService,
@@ -93,7 +95,7 @@ def stream_limits(config: NodeConfig) -> StreamLimits:
 
 
 def _add_replication(
-    service: ReplicationService | ReplicaStatusService,
+    service: rpb_grpc.WALReplicationServiceServicer,
     server: grpc.aio.Server,
     repl_server: grpc.aio.Server,
     repl_address: str,
@@ -105,63 +107,106 @@ def _add_replication(
         add(ElsewhereService(service, repl_address), server)  # type: ignore[no-untyped-call]
 
 
+def _primary_service(
+    config: NodeConfig, engine: Engine, advertise: str, history: History
+) -> tuple[ReplicationService, Sessions]:
+    keeper = SlotKeeper(
+        engine.wal, os.path.join(config.data_dir, "slots.json"), config.slot_keep_bytes
+    )
+    engine.before_checkpoint.append(keeper.maintain)
+    sessions = Sessions(engine.wal, keeper)
+    sessions.attach(asyncio.get_running_loop())
+    service = ReplicationService(
+        engine.wal, sessions, advertise, stream_limits(config), engine.store, history
+    )
+    return service, sessions
+
+
+def _act_as_primary(role: Role, sessions: Sessions, engine: Engine) -> None:
+    def replicas() -> list[pb.ReplicaInfo]:
+        return [
+            pb.ReplicaInfo(address=s.client_address, last_sequence=s.applied_seq, available=True)
+            for s in sessions.all()
+            if s.client_address
+        ]
+
+    role.name = "primary"
+    role.primary_client_address = ""
+    role.replicas = replicas
+    role.last_sequence = lambda: engine.wal.durable_seq
+
+
 def _roles(
     config: NodeConfig,
     engine: Engine,
     servers: tuple[grpc.aio.Server, grpc.aio.Server],
     advertise: str,
-) -> tuple[Role, ReplicaDriver | None]:
+) -> tuple[Role, Promotion | None]:
     server, repl_server = servers
     repl_address = config.replication_listen or config.listen
-    if config.role == "primary":
-        slots_path = os.path.join(config.data_dir, "slots.json")
-        keeper = SlotKeeper(engine.wal, slots_path, config.slot_keep_bytes)
-        engine.before_checkpoint.append(keeper.maintain)
-        sessions = Sessions(engine.wal, keeper)
-        sessions.attach(asyncio.get_running_loop())
-        service = ReplicationService(
-            engine.wal,
-            sessions,
-            advertise,
-            stream_limits(config),
-            engine.store,
-            load_or_create_history(os.path.join(config.data_dir, HISTORY_FILE)),
+    history_path = os.path.join(config.data_dir, HISTORY_FILE)
+    promoted_path = os.path.join(config.data_dir, PROMOTED_FILE)
+    role = Role(config.role, advertise)
+    if config.role == "replica" and os.path.exists(promoted_path):
+        log.warning(
+            "this replica was promoted (%s): serving as a primary; delete that file and the "
+            "data directory to make it a replica again",
+            promoted_path,
         )
+    elif config.role == "replica":
+        return role, _replica(config, engine, role, (server, repl_server, repl_address))
+    if config.role in ("primary", "replica"):
+        history = load_or_create_history(history_path)
+        service, sessions = _primary_service(config, engine, advertise, history)
         _add_replication(service, server, repl_server, repl_address)
-
-        def replicas() -> list[pb.ReplicaInfo]:
-            return [
-                pb.ReplicaInfo(
-                    address=s.client_address, last_sequence=s.applied_seq, available=True
-                )
-                for s in sessions.all()
-                if s.client_address
-            ]
-
-        return Role(
-            "primary", advertise, replicas=replicas, last_sequence=lambda: engine.wal.durable_seq
-        ), None
-    if config.role == "replica":
-        role = Role("replica", advertise)
-        codecs = [Codec[name.upper()] for name in replication_codecs(config)]
-        node = load_or_create_node_id(os.path.join(config.data_dir, "NODE_ID"))
-        driver = ReplicaDriver(
-            engine,
-            config.primary,
-            node,
-            advertise,
-            role,
-            codecs=codecs,
-            history_path=os.path.join(config.data_dir, HISTORY_FILE),
-            data_dir=config.data_dir,
-            reopen=functools.partial(_switch_to_snapshot, engine, config),
-            on_divergence=config.on_divergence,
-        )
-        _add_replication(ReplicaStatusService(driver), server, repl_server, repl_address)
-        return role, driver
+        _act_as_primary(role, sessions, engine)
+        return role, None
     status = StandaloneStatusService(engine)
     rpb_grpc.add_WALReplicationServiceServicer_to_server(status, server)  # type: ignore[no-untyped-call]
-    return Role("standalone", advertise), None
+    return role, None
+
+
+def _replica(
+    config: NodeConfig,
+    engine: Engine,
+    role: Role,
+    where: tuple[grpc.aio.Server, grpc.aio.Server, str],
+) -> Promotion:
+    codecs = [Codec[name.upper()] for name in replication_codecs(config)]
+    node = load_or_create_node_id(os.path.join(config.data_dir, "NODE_ID"))
+    history_path = os.path.join(config.data_dir, HISTORY_FILE)
+    driver = ReplicaDriver(
+        engine,
+        config.primary,
+        node,
+        role.client_address,
+        role,
+        codecs=codecs,
+        history_path=history_path,
+        data_dir=config.data_dir,
+        reopen=functools.partial(_switch_to_snapshot, engine, config),
+        on_divergence=config.on_divergence,
+    )
+    status = ReplicaStatusService(driver)
+    dispatch = ReplicationDispatch(status)
+    _add_replication(dispatch, *where)
+
+    def become_primary(history: History) -> None:
+        service, sessions = _primary_service(config, engine, role.client_address, history)
+        dispatch.target = service
+        _act_as_primary(role, sessions, engine)
+
+    promotion = Promotion(
+        engine,
+        driver,
+        asyncio.Event(),
+        asyncio.Event(),
+        history_path,
+        os.path.join(config.data_dir, PROMOTED_FILE),
+        become_primary,
+    )
+    status.promote = promotion.run
+    return promotion
 
 
 async def _switch_to_snapshot(engine: Engine, config: NodeConfig) -> None:
@@ -198,7 +243,7 @@ async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     repl_server = grpc.aio.server(options=SERVER_OPTIONS) if config.replication_listen else server
     servers = (server, repl_server)
-    role, driver = _roles(config, engine, servers, config.advertise or config.listen)
+    role, promotion = _roles(config, engine, servers, config.advertise or config.listen)
     servicer = KevoService(engine, registry, counters, role)
     add_kevo = service_pb2_grpc.add_KevoServiceServicer_to_server
     add_kevo(servicer, server)  # type: ignore[no-untyped-call]
@@ -229,8 +274,8 @@ async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
             _checkpoints(engine, counters, config.checkpoint_interval_ms / 1000, stop),
             _sweeps(registry, stop),
         ]
-        if driver is not None:
-            tasks.append(_replicate(driver, stop))
+        if promotion is not None:
+            tasks.append(_replicate(promotion, stop))
         background = asyncio.gather(*tasks)
         await stop.wait()
         log.info("stopping: letting in-flight requests finish for up to %.1fs", config.grace_s)
@@ -280,13 +325,24 @@ async def _checkpoints(
             log.exception("checkpoint failed; will retry")
 
 
-async def _replicate(driver: ReplicaDriver, stop: asyncio.Event) -> None:
+async def _replicate(promotion: Promotion, stop: asyncio.Event) -> None:
+    """Run the replica's driver until the node stops or the replica is promoted."""
+    driver_stop = promotion.stop_driver
+
+    async def relay() -> None:
+        await stop.wait()
+        driver_stop.set()
+
+    relaying = asyncio.create_task(relay())
     try:
-        await driver.run(stop)
+        await promotion.driver.run(driver_stop)
     except BaseException:
         log.exception("replication stopped on a fatal error; stopping the node")
         stop.set()
         raise
+    finally:
+        promotion.driver_done.set()
+        relaying.cancel()
 
 
 async def _sweeps(registry: TxRegistry, stop: asyncio.Event) -> None:

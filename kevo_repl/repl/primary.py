@@ -44,7 +44,7 @@ from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.slots import SlotTable, encode_slots
 from kevo_repl.repl.snapshot_source import ImageReader
 from kevo_repl.repl.state_files import load_slots, write_state
-from kevo_repl.repl.status import store_digest
+from kevo_repl.repl.status import not_promotable, store_digest
 from kevo_repl.repl.wire import to_message, wire_codec
 from kevo_repl.store import Store
 from kevo_repl.store.base import StoreExport
@@ -604,6 +604,12 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         message.store_format = boot.store_format
         message.size_estimate = boot.size_estimate
 
+    async def Promote(
+        self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.PromoteResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, not_promotable("primary"))
+        raise AssertionError("abort raises")
+
     async def _wait_for_more(self, session: Session, next_seq: int) -> bool:
         """Wait until the WAL is durable at `next_seq`; False after a quiet heartbeat interval."""
         session.wake.clear()
@@ -754,7 +760,7 @@ class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
     """
 
     # Answered here as on the replication port: the calls an operator's tools make.
-    DELEGATED = ("GetReplicationStatus", "GetDigest", "ListSlots", "DropSlot")
+    DELEGATED = ("GetReplicationStatus", "GetDigest", "ListSlots", "DropSlot", "Promote")
 
     def __init__(self, inner: rpb_grpc.WALReplicationServiceServicer, address: str) -> None:
         self._message = f"replication is served on {address}, not on this port"
@@ -766,6 +772,12 @@ class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
     ) -> AsyncIterator[rpb.WALStreamResponse]:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
         yield rpb.WALStreamResponse()  # never reached: abort raises
+
+    async def StreamSnapshot(
+        self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.SnapshotChunk]:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        yield rpb.SnapshotChunk()  # never reached: abort raises
 
     async def Acknowledge(
         self, request: rpb.Ack, context: grpc.aio.ServicerContext

@@ -137,6 +137,7 @@ class ReplicaDriver:
             rng=rng or random.Random(),
         )
         self._channel: grpc.aio.Channel | None = None
+        self._stop = asyncio.Event()  # run()'s
         self._stream: _Stream | None = None
         self._frame: _Received | None = None  # the frame the pipeline is working on
         self._stub: rpb_grpc.WALReplicationServiceStub | None = None
@@ -156,6 +157,7 @@ class ReplicaDriver:
         return max(0.0, time.time() - self._frame_primary_ms / 1000)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         self._channel = grpc.aio.insecure_channel(self.primary, options=CHANNEL_OPTIONS)
         self._stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         try:
@@ -245,7 +247,8 @@ class ReplicaDriver:
             self._drop_stream()
             return []
         if isinstance(action, Sleep):
-            await asyncio.sleep(max(0.0, action.until - time.monotonic()))
+            with contextlib.suppress(TimeoutError):  # a stop (or promotion) ends the back-off
+                await asyncio.wait_for(self._stop.wait(), max(0.0, action.until - time.monotonic()))
             return self.core.on_retry()
         if isinstance(action, Rerequest):
             return []  # we reconnect from the next expected sequence instead of a Nack
@@ -468,6 +471,27 @@ class ReplicaStatusService(NoSlots):
 
     def __init__(self, driver: ReplicaDriver) -> None:
         self.driver = driver
+        # Set by the node: stops the driver and makes this node a primary; returns the last
+        # sequence under the old history and the new history.
+        self.promote: Callable[[], Awaitable[tuple[int, History]]] | None = None
+        self._promoting = False
+
+    async def Promote(
+        self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.PromoteResponse:
+        if self.promote is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node cannot be promoted")
+        assert self.promote is not None
+        if self._promoting:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a promotion is running")
+        self._promoting = True
+        try:
+            last, history = await self.promote()
+        except KevoReplError as err:
+            await context.abort(grpc.StatusCode.INTERNAL, f"promotion failed: {err}")
+        finally:
+            self._promoting = False
+        return rpb.PromoteResponse(sequence=last, history_id=history.current)
 
     async def GetReplicationStatus(
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -36,8 +37,27 @@ class NoSlots(rpb_grpc.WALReplicationServiceServicer):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_slots())
         raise AssertionError("abort raises")
 
+    async def StreamSnapshot(
+        self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.SnapshotChunk]:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"only a primary sends snapshots; this node is a {self.role} node",
+        )
+        yield rpb.SnapshotChunk()  # never reached: abort raises
+
+    async def Promote(
+        self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> rpb.PromoteResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, not_promotable(self.role))
+        raise AssertionError("abort raises")
+
     def _no_slots(self) -> str:
         return f"only a primary has replication slots; this node is a {self.role} node"
+
+
+def not_promotable(role: str) -> str:
+    return f"only a replica can be promoted; this node is a {role} node"
 
 
 class StandaloneStatusService(NoSlots):
