@@ -81,12 +81,15 @@ def _digest(channel: grpc.Channel, args: argparse.Namespace) -> int:
     stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
     # Hashing a large store takes a while: a generous deadline.
     digest = stub.GetDigest(rpb.DigestRequest(), timeout=TIMEOUT_S * 30)
-    if args.json:
-        print(_json(digest))
-    else:
-        print(
-            f"{args.addr} ({digest.role}): applied {digest.applied_sequence} sha256 {digest.sha256}"
-        )
+    return _show(
+        digest,
+        args.json,
+        f"{args.addr} ({digest.role}): applied {digest.applied_sequence} sha256 {digest.sha256}",
+    )
+
+
+def _show(reply: Message, as_json: bool, text: str) -> int:
+    print(_json(reply) if as_json else text)
     return 0
 
 
@@ -114,14 +117,12 @@ def _promote(channel: grpc.Channel, args: argparse.Namespace) -> int:
     stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
     # Waits for the replica to stop following and apply what its WAL holds.
     reply = stub.Promote(rpb.PromoteRequest(), timeout=TIMEOUT_S * 12)
-    if args.json:
-        print(_json(reply))
-    else:
-        print(
-            f"{args.addr} is a primary now: history {reply.history_id} starts at sequence "
-            f"{reply.sequence + 1}; point the other replicas at it"
-        )
-    return 0
+    return _show(
+        reply,
+        args.json,
+        f"{args.addr} is a primary now: history {reply.history_id} starts at sequence "
+        f"{reply.sequence + 1}; point the other replicas at it",
+    )
 
 
 _COMMANDS: dict[str, Callable[[grpc.Channel, argparse.Namespace], int]] = {
