@@ -6,20 +6,27 @@
 In one run, with real node processes on 127.0.0.1:
 * local replay: the same WAL applied to the same kind of store in one process (no network), the
   limit replication is measured against;
-* catch-up: a new replica of a primary holding N entries, from start to fully applied;
+* catch-up from a slot: a replica whose slot is N entries behind (the primary keeps no WAL beyond
+  what slots hold, so the slot is what keeps it), from start to fully applied;
 * steady state: BatchWrites of 100 entries every 5 ms (20,000 entries/s) for a few seconds; lag
   is the time from a batch's acknowledgement on the primary to its last key being readable on
   the replica (sampled by a prober thread). Both nodes are checkpointed (Compact) before it, so
   the one-off flush of the catch-up's pages is not inside the window;
-* wire bytes: the frames the primary sends for that WAL, per codec, against the raw bytes.
+* wire bytes: the frames the primary sends for that WAL, per codec, against the raw bytes;
+* bootstrap: a new replica of the primary once its early WAL is deleted: it receives a snapshot
+  of the ~N-key store, switches to it and is current; MB/s of the image, beside two local copies
+  of the store made in the same run: `cp --sparse=always` of the store file (data.mdb), the
+  baseline the target names, and LMDB's compacting copy (mdb_copy -c: the same image the
+  snapshot sends), printed for reference. Each rate counts the bytes that copy writes.
 
-Targets (issue 4): catch-up >= 0.7 of local replay; p99 lag <= 10 ms at 20,000 entries/s; zstd
-wire bytes <= 0.3 of raw on JSON-like values.
+Targets: (issue 4) catch-up >= 0.7 of local replay; p99 lag <= 10 ms at 20,000 entries/s; zstd
+wire bytes <= 0.3 of raw on JSON-like values; (issue 5) bootstrap >= 0.5 of the local copy rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import signal
@@ -35,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+import lmdb  # noqa: E402
 
 from kevo_repl.localnode import free_port, start_node  # noqa: E402
 from kevo_repl.node.engine import Engine, WalOpener  # noqa: E402
@@ -44,6 +52,8 @@ from kevo_repl.proto import service_pb2 as pb  # noqa: E402
 from kevo_repl.proto import service_pb2_grpc as pb_grpc  # noqa: E402
 from kevo_repl.repl.frames import Codec, encode_frame  # noqa: E402
 from kevo_repl.repl.primary import StreamLimits, take_units  # noqa: E402
+from kevo_repl.repl.slots import Slot, SlotTable  # noqa: E402
+from kevo_repl.repl.state_files import save_slots, write_state  # noqa: E402
 from kevo_repl.store import MAX_KEY_BYTES, LmdbStore  # noqa: E402
 from kevo_repl.wal import WAL, Op, RetentionPolicy, SyncMode, WalOptions  # noqa: E402
 
@@ -100,6 +110,88 @@ def wire_bytes(data_dir: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def local_copies(data_dir: str, root: str) -> tuple[int, float, int, float]:
+    """(image bytes, LMDB compact-copy s, data.mdb allocated bytes, cp s) of the primary's store.
+
+    Run while no node has the store open. Both copies end with an fsync, as the bootstrap does.
+    """
+    store = os.path.join(data_dir, "store")
+    target = os.path.join(root, "copy-lmdb")
+    os.makedirs(target)
+    env = lmdb.open(store, readonly=True, lock=False, max_dbs=2, subdir=True)
+    started = time.perf_counter()
+    env.copy(target, compact=True)
+    fsync_file(os.path.join(target, "data.mdb"))
+    lmdb_s = time.perf_counter() - started
+    env.close()
+    image = os.path.getsize(os.path.join(target, "data.mdb"))
+    started = time.perf_counter()
+    copied = os.path.join(root, "copy-cp.mdb")
+    subprocess.run(["cp", "--sparse=always", os.path.join(store, "data.mdb"), copied], check=True)
+    fsync_file(copied)
+    cp_s = time.perf_counter() - started
+    allocated = os.stat(copied).st_blocks * 512
+    shutil.rmtree(target)
+    os.unlink(copied)
+    return image, lmdb_s, allocated, cp_s
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def give_slot(primary_dir: str, replica_dir: str) -> None:
+    """A slot at sequence 1 for the replica about to start: as if it had connected before the
+    primary took its N entries. The primary keeps no other WAL, so the slot is what keeps it."""
+    os.makedirs(replica_dir)
+    node_id = "bench-replica"
+    write_state(os.path.join(replica_dir, "NODE_ID"), node_id.encode() + b"\n")
+    table = SlotTable([Slot(node_id, "", 1, time.time())])
+    save_slots(os.path.join(primary_dir, "slots.json"), table)
+
+
+def wait_wal_trimmed(primary_dir: str) -> None:
+    """Until retention has deleted the WAL's first segment (a new replica then needs a snapshot)."""
+    first = f"{1:020d}"
+    deadline = time.monotonic() + 60
+    while any(name.startswith(first) for name in os.listdir(os.path.join(primary_dir, "wal"))):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the primary kept its first WAL segment")
+        time.sleep(0.1)
+
+
+def bootstrap(root: str, primary_addr: str) -> tuple[float, subprocess.Popen[bytes]]:
+    """Seconds from a new replica starting its bootstrap to its store matching the primary's.
+
+    The start is the replica's own log line (it starts the bootstrap while still starting up,
+    so the moment it accepts calls would be too late); the end is polled every 20 ms.
+    """
+    target = applied_on(primary_addr)
+    addr = f"127.0.0.1:{free_port()}"
+    log_path = os.path.join(root, "replica2.log")
+    with open(log_path, "wb") as log:
+        replica = start_node(
+            os.path.join(root, "replica2"),
+            addr,
+            "--role",
+            "replica",
+            "--primary",
+            primary_addr,
+            stderr=log,
+        )
+    while applied_on(addr) < target:
+        time.sleep(0.02)
+    ended = time.time()
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        line = next(line for line in log if "bootstrapping from a snapshot" in line)
+    began = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return ended - began, replica
+
+
 def compact(addr: str) -> None:
     with grpc.insecure_channel(addr) as channel:
         stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -109,7 +201,12 @@ def compact(addr: str) -> None:
 def applied_on(addr: str) -> int:
     with grpc.insecure_channel(addr) as channel:
         stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-        status = stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=10)
+        try:
+            status = stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=10)
+        except grpc.RpcError as err:  # a replica switching to its snapshot: a moment's gap
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return 0
         return int(status.applied_sequence)
 
 
@@ -203,9 +300,13 @@ def main() -> int:
         primary_dir = os.path.join(root, "primary")
         build_wal(primary_dir, n)
         replay = local_replay(primary_dir)
+        copies = local_copies(primary_dir, root)
         wire = wire_bytes(primary_dir)
         primary = f"127.0.0.1:{free_port()}"
-        procs.append(start_node(primary_dir, primary, "--role", "primary"))
+        give_slot(primary_dir, os.path.join(root, "replica"))
+        segment = 256 * 1024 if args.quick else 16 * 1024 * 1024
+        trim = ("--wal-retain-bytes", "0", "--segment-bytes", str(segment))
+        procs.append(start_node(primary_dir, primary, "--role", "primary", *trim))
         rate, startup_s, replica, replica_addr = catch_up(root, primary, n)
         procs.append(replica)
         # Checkpoint both nodes first: the replica's first checkpoint after a catch-up flushes
@@ -214,6 +315,10 @@ def main() -> int:
         for addr in (primary, replica_addr):
             compact(addr)
         achieved, lags = steady_state(primary, replica_addr, steady_s)
+        compact(primary)  # the replica's slot has moved on: retention trims the WAL
+        wait_wal_trimmed(primary_dir)
+        boot_s, replica2 = bootstrap(root, primary)
+        procs.append(replica2)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -221,6 +326,7 @@ def main() -> int:
             proc.wait(60)
         shutil.rmtree(root, ignore_errors=True)
     report(n, replay, (rate, startup_s), achieved, lags, wire, args.quick)
+    report_bootstrap(copies, boot_s, args.quick)
     return 0
 
 
@@ -240,7 +346,7 @@ def report(
     print(f"local replay (same WAL, same store, one process): {replay:12,.0f} entries/s")
     rate, startup_s = catch
     share = rate / replay
-    print(f"catch-up of a new replica {n} behind: {rate:12,.0f} entries/s ({share:.3f} of replay)")
+    print(f"catch-up from a slot {n} behind: {rate:12,.0f} entries/s ({share:.3f} of replay)")
     print(f"  (timed from the replica accepting calls; its start-up took {startup_s:.2f} s)")
     print(f"steady state: {achieved:,.0f} entries/s written; lag over {len(lags)} samples:")
     worst, mean = max(lags) * 1000, statistics.mean(lags) * 1000
@@ -253,6 +359,25 @@ def report(
     lag_ok = p99 <= 10 and achieved >= 19_000
     print(f"target p99 lag <= 10 ms at 20,000 entries/s: {'PASS' if lag_ok else 'FAIL'}")
     print(f"target zstd wire bytes <= 0.3 of raw: {'PASS' if zstd_ratio <= 0.3 else 'FAIL'}")
+    if quick:
+        print("(quick run: sizes too small for the targets to mean anything)")
+
+
+def report_bootstrap(copies: tuple[int, float, int, float], boot_s: float, quick: bool) -> None:
+    image, lmdb_s, allocated, cp_s = copies
+    mb = 1e6
+    lmdb_rate, cp_rate = image / lmdb_s / mb, allocated / cp_s / mb
+    rate = image / boot_s / mb
+    print(f"store image (LMDB compacting copy): {image / mb:,.1f} MB", end="")
+    print(f"; data.mdb {allocated / mb:,.1f} MB")
+    print(f"  local copy, LMDB compact: {lmdb_s:.2f} s, {lmdb_rate:,.0f} MB/s")
+    print(f"  local copy, cp data.mdb:  {cp_s:.2f} s, {cp_rate:,.0f} MB/s")
+    print(
+        f"bootstrap of a new replica: {boot_s:.2f} s, {rate:,.0f} MB/s ({rate / cp_rate:.3f} of "
+        f"cp, {rate / lmdb_rate:.3f} of the LMDB copy)"
+    )
+    verdict = "PASS" if rate >= 0.5 * cp_rate else "FAIL"
+    print(f"target bootstrap >= 0.5 of the local copy rate (cp of the store file): {verdict}")
     if quick:
         print("(quick run: sizes too small for the targets to mean anything)")
 

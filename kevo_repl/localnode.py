@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -35,12 +36,14 @@ _READY_OPTIONS = [
 
 
 def start_node(
-    data_dir: str, addr: str, *extra: str, timeout_s: float = 60.0
+    data_dir: str, addr: str, *extra: str, timeout_s: float = 60.0, stderr: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
-    """`kevo-repl serve --data-dir DATA --listen ADDR EXTRA...`, returned once it accepts calls."""
+    """`kevo-repl serve --data-dir DATA --listen ADDR EXTRA...`, returned once it accepts calls.
+
+    Its log goes to `stderr` (default: ours)."""
     cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
     env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT}
-    node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env)
+    node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env, stderr=stderr)
     # Retry the connection every 50 ms: gRPC's default first backoff of 1 s would report the
     # node ready up to a second late (and skew timings taken from this moment).
     deadline = time.monotonic() + timeout_s

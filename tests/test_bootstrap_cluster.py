@@ -138,13 +138,13 @@ def test_an_interrupted_bootstrap_keeps_the_old_store_and_completes_after_a_rest
     tmp_path: Path,
 ) -> None:
     capped = (*TIGHT, "--slot-keep-bytes", str(1024 * 1024))
-    slow = {"KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=0.1"}
+    slow = {"KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=0.5"}
     with pair(tmp_path, *capped, env=slow) as (primary, replica):
         write_entries(primary, "a", 1000)
         wait_same(primary, replica)
         old = digest(replica)
         replica.stop()
-        write_entries(primary, "b", ENTRIES)  # an image of ~20 chunks: 2 s or more
+        write_entries(primary, "b", ENTRIES)  # an image of ~5 chunks: 2 s or more
         time.sleep(0.5)
         replica.start()
         _wait_bootstrap_bytes(replica)

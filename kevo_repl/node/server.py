@@ -217,7 +217,9 @@ async def _switch_to_snapshot(engine: Engine, config: NodeConfig) -> None:
         fresh = open_engine(config)
         return fresh.wal, fresh.store
 
+    started = time.monotonic()
     await engine.replace_parts(reopen)
+    log.info("store and WAL reopened on the snapshot in %.2f s", time.monotonic() - started)
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> None:

@@ -19,9 +19,11 @@ part way, again at the next start before anything opens the store or the WAL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 
 import grpc
@@ -82,8 +84,16 @@ async def _fetch(
     try:
         fd = os.open(image_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            started = time.monotonic()
             seq, history = await _receive(call, fd, image_path, progress)
+            received = time.monotonic()
             await asyncio.to_thread(fsutil.fsync_fd, fd)
+            log.info(
+                "snapshot at %d received in %.2f s, synced in %.2f s",
+                seq,
+                received - started,
+                time.monotonic() - received,
+            )
         finally:
             os.close(fd)
     except grpc.aio.AioRpcError as err:
@@ -105,22 +115,41 @@ async def _receive(
     history: History | None = None
     estimate = 0
     iterator = call.__aiter__()
-    while not receiver.done:
-        try:
-            message = await asyncio.wait_for(iterator.__anext__(), CHUNK_TIMEOUT_S)
-        except StopAsyncIteration:
-            raise SnapshotError(
-                f"the snapshot stream ended after {receiver.received_bytes} bytes, "
-                "before its last chunk"
-            ) from None
-        if message.index == 0:
-            history = _first_chunk(message)
-            estimate = message.size_estimate
-        await asyncio.to_thread(_accept, receiver, message, fd, path)
-        got = receiver.received_bytes
-        progress(got, got if receiver.done else max(estimate, got))  # exact once complete
+    writing: asyncio.Future[None] | None = None  # the chunk before, checked and written ahead
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(iterator.__anext__(), CHUNK_TIMEOUT_S)
+            except StopAsyncIteration:
+                raise SnapshotError(
+                    f"the snapshot stream ended after {receiver.received_bytes} bytes, "
+                    "before its last chunk"
+                ) from None
+            if message.index == 0:
+                history = _first_chunk(message)
+                estimate = message.size_estimate
+            if writing is not None:
+                await writing
+                _report(receiver, estimate, progress)
+            # Checked and written on a worker thread while the next chunk arrives; one at a
+            # time, in order (the receiver's checks and the file depend on the order).
+            writing = asyncio.ensure_future(asyncio.to_thread(_accept, receiver, message, fd, path))
+            if message.last:
+                break
+        await writing
+        writing = None
+        _report(receiver, estimate, progress)
+    finally:
+        if writing is not None:  # failing: let the write in flight end before the fd closes
+            with contextlib.suppress(BaseException):
+                await writing
     assert receiver.snapshot_seq is not None and history is not None
     return receiver.snapshot_seq, history
+
+
+def _report(receiver: SnapshotReceiver, estimate: int, progress: Progress) -> None:
+    got = receiver.received_bytes
+    progress(got, got if receiver.done else max(estimate, got))  # exact once complete
 
 
 def _first_chunk(message: rpb.SnapshotChunk) -> History:

@@ -560,9 +560,13 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     ) -> AsyncIterator[rpb.SnapshotChunk]:
         index = 0
         delay = failpoints.delay_s("snapshot_chunk_delay")
-        while chunk := await asyncio.to_thread(image.next_chunk):
+        # One chunk read and compressed ahead, while gRPC sends the one before.
+        ahead = asyncio.ensure_future(asyncio.to_thread(image.next_chunk))
+        while True:
+            chunk = await ahead
             if not chunk.raw_len:
                 break
+            ahead = asyncio.ensure_future(asyncio.to_thread(image.next_chunk))
             if delay:
                 await asyncio.sleep(delay)
             message = rpb.SnapshotChunk(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kevo_repl.errors import KevoReplError
 from kevo_repl.repl.frames import FrameError, decompress_checked
 
-CHUNK_BYTES = 1024 * 1024  # raw bytes per chunk: large enough that per-message costs vanish
+CHUNK_BYTES = 4 * 1024 * 1024  # raw bytes per chunk: large enough that per-message costs vanish
 CHUNK_BYTES_MAX = 16 * 1024 * 1024  # the most a receiver accepts in one chunk
 
 

@@ -1,15 +1,18 @@
 """The primary's side of a snapshot: a store export read back in chunks, off the event loop.
 
-`Store.begin_export` gives a consistent image; its `write_to` runs on a thread of its own into a
-pipe (LMDB's mdb_env_copyfd2 writes to a descriptor), and `ImageReader.next_chunk` (called on a
-worker thread) reads, hashes and compresses one chunk at a time. The pipe is the bound: the
-export stalls while the stream is behind, so neither side ever holds more than a chunk or two,
-and nothing is written to the primary's disk.
+Three stages run at once, so the slowest sets the pace rather than their sum:
 
-Stopping early (the replica went away) must not close the pipe under a read in flight (its
-descriptor number could be reused by then): `abandon` closes it now if no read is running,
-else the read closes it when it returns. The export thread then fails on the closed pipe and
-releases the export itself.
+* `Store.begin_export` gives a consistent image; its `write_to` runs on a thread of its own into
+  a pipe (LMDB's mdb_env_copyfd2 writes to a descriptor);
+* a reader thread cuts the pipe into chunks and hashes them, into a queue of `QUEUE_CHUNKS`;
+* `ImageReader.next_chunk` (on a worker thread) takes a chunk and compresses it.
+
+The pipe and the queue are the bound: the export stalls while the stream is behind, so the
+primary holds a few chunks at most, and nothing is written to its disk.
+
+Stopping early (the replica went away): `abandon` sets a flag; the reader thread sees it within
+`POLL_S`, closes the pipe (the export then fails on it and releases its snapshot) and ends, and
+a `next_chunk` in flight returns an empty chunk.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import queue
 import threading
 from dataclasses import dataclass
 
 from kevo_repl.repl.frames import Codec, compress_checked
 from kevo_repl.repl.snapshot import CHUNK_BYTES
 from kevo_repl.store.base import StoreExport
+
+PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
+QUEUE_CHUNKS = 2
+POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +49,22 @@ class ImageReader:
         self._hash = hashlib.sha256()
         self.total_bytes = 0
         self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._reading = False
-        self._abandoned = False
-        self._r, w = os.pipe()
-        # A pipe holds 64 KiB by default: a chunk's worth lets the export run a chunk ahead.
-        # Over /proc/sys/fs/pipe-max-size it fails: the default size only costs syscalls.
+        self._abandoned = threading.Event()
+        self._chunks: queue.Queue[bytes] = queue.Queue(QUEUE_CHUNKS)
+        r, w = os.pipe()
+        # 64 KiB by default; more lets the export run ahead. Over pipe-max-size an unprivileged
+        # process gets EPERM: the default size only costs more system calls.
         if hasattr(fcntl, "F_SETPIPE_SZ"):
             with contextlib.suppress(OSError):
-                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, CHUNK_BYTES)
-        self._thread = threading.Thread(
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self._writer = threading.Thread(
             target=self._write, args=(w,), name="snapshot-export", daemon=True
         )
-        self._thread.start()
+        self._reader = threading.Thread(
+            target=self._read, args=(r,), name="snapshot-read", daemon=True
+        )
+        self._writer.start()
+        self._reader.start()
 
     @property
     def sha256(self) -> str:
@@ -68,46 +79,56 @@ class ImageReader:
             os.close(w)
             self._export.close()
 
-    def next_chunk(self) -> RawChunk:
-        """Read, hash and compress the next chunk (blocking: call it on a worker thread)."""
-        with self._lock:
-            if self._abandoned:
-                return RawChunk(0, 0, b"")
-            self._reading = True
+    def _read(self, r: int) -> None:
         try:
-            raw = self._read(CHUNK_BYTES)
+            while not self._abandoned.is_set():
+                raw = _read_full(r, CHUNK_BYTES)
+                self._hash.update(raw)
+                self.total_bytes += len(raw)
+                if not self._put(raw) or not raw:
+                    return
         finally:
-            with self._lock:
-                self._reading = False
-                if self._abandoned:
-                    os.close(self._r)
-        if not raw:
-            return RawChunk(0, 0, b"")
-        self._hash.update(raw)
-        self.total_bytes += len(raw)
-        payload, crc = compress_checked(raw, self._codec, self._level)
-        return RawChunk(len(raw), crc, payload)
+            os.close(r)
 
-    def _read(self, size: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < size:
-            data = os.read(self._r, size - len(buf))
-            if not data:
-                break
-            buf += data
-        return bytes(buf)
+    def _put(self, raw: bytes) -> bool:
+        while not self._abandoned.is_set():
+            try:
+                self._chunks.put(raw, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next_chunk(self) -> RawChunk:
+        """Take and compress the next chunk (blocking: call it on a worker thread)."""
+        while not self._abandoned.is_set():
+            try:
+                raw = self._chunks.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if not raw:
+                return RawChunk(0, 0, b"")
+            payload, crc = compress_checked(raw, self._codec, self._level)
+            return RawChunk(len(raw), crc, payload)
+        return RawChunk(0, 0, b"")
 
     def finish(self) -> None:
         """After the last (empty) chunk: wait for the export thread; raise what it raised."""
-        self._thread.join()
+        self._writer.join()
+        self._reader.join()
         if self.error is not None:
             raise self.error
 
     def abandon(self) -> None:
         """Stop: the export ends on the closed pipe and releases its snapshot. Idempotent."""
-        with self._lock:
-            if self._abandoned:
-                return
-            self._abandoned = True
-            if not self._reading:
-                os.close(self._r)
+        self._abandoned.set()
+
+
+def _read_full(fd: int, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        data = os.read(fd, size - len(buf))
+        if not data:
+            break
+        buf += data
+    return bytes(buf)
