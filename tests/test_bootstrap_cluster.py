@@ -130,21 +130,25 @@ def test_a_new_replica_joins_a_primary_whose_early_segments_were_deleted(
         with start_replica(tmp_path / "r", primary) as replica:
             wait_same(primary, replica)
             assert SNAPSHOT in replica.stderr()
+            replica.stop()  # its WAL is empty: it must restart at the snapshot's position
+            replica.start()
+            assert status(replica).last_sequence == digest(primary)[0]
             write_entries(primary, "b", 1000)  # and it streams from the snapshot's position on
             wait_same(primary, replica)
+            assert SNAPSHOT not in replica.stderr()  # the restart needed no second snapshot
 
 
-def test_an_interrupted_bootstrap_keeps_the_old_store_and_completes_after_a_restart(
+def test_an_interrupted_bootstrap_keeps_the_old_store_and_completes_after_restarts(
     tmp_path: Path,
 ) -> None:
     capped = (*TIGHT, "--slot-keep-bytes", str(1024 * 1024))
-    slow = {"KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=0.5"}
+    slow = {"KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=1.0"}
     with pair(tmp_path, *capped, env=slow) as (primary, replica):
         write_entries(primary, "a", 1000)
         wait_same(primary, replica)
         old = digest(replica)
         replica.stop()
-        write_entries(primary, "b", ENTRIES)  # an image of ~5 chunks: 2 s or more
+        write_entries(primary, "b", ENTRIES)  # an image of ~5 chunks: 5 s or more
         time.sleep(0.5)
         replica.start()
         _wait_bootstrap_bytes(replica)
@@ -155,6 +159,10 @@ def test_an_interrupted_bootstrap_keeps_the_old_store_and_completes_after_a_rest
         replica.start()
         _wait_bootstrap_bytes(replica)  # started over
         assert digest(replica) == old
+        stopping = time.monotonic()
+        assert replica.stop(timeout=10) == 0  # SIGTERM does not wait for the snapshot
+        assert time.monotonic() - stopping < 2.5
+        replica.start()
         wait_same(primary, replica)
         assert not (tmp_path / "r" / "bootstrap.partial").exists()
 

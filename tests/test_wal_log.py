@@ -179,6 +179,9 @@ def test_batch_takes_consecutive_numbers(tmp_path: Path) -> None:
 def test_next_seq_floor(tmp_path: Path) -> None:
     with WAL.open(str(tmp_path), next_seq_floor=1000) as wal:
         assert wal.next_seq == 1000
+        # Empty, it stands where its owner is (a replica just switched to a snapshot at 999).
+        assert (wal.last_seq, wal.durable_seq, wal.first_seq) == (999, 999, 1000)
+        assert list(wal.entries_from(1000)) == []
         assert wal.append(Op.PUT, b"a", b"1") == 1000
         assert wal.append_batch([(Op.PUT, b"b", b"2"), (Op.PUT, b"c", b"3")]) == 1001
     with WAL.open(str(tmp_path), next_seq_floor=5) as wal:  # a lower floor changes nothing

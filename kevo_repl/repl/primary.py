@@ -450,8 +450,8 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 f"{durable}: the replica has entries this primary never had",
                 trailing_metadata=((REFUSAL_KEY, REFUSED_DIVERGED),),
             )
-        oldest = self.wal.first_seq
-        if start < oldest and durable >= oldest:
+        oldest = self.wal.first_seq  # next_seq when the log is empty: all before it is gone
+        if start < oldest:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"sequence {start} is no longer in this primary's WAL (oldest is {oldest})"

@@ -327,11 +327,24 @@ class ReplicaDriver:
         )
         self.progress = ProgressMeter()  # of bytes received, while bootstrapping
         started = time.monotonic()
+        fetch = asyncio.ensure_future(
+            fetch_snapshot(self._stub, request, self.data_dir, self._note_bootstrap)
+        )
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            seq = await fetch_snapshot(self._stub, request, self.data_dir, self._note_bootstrap)
+            # A stop (SIGTERM, or a promotion) must not wait for a long snapshot: the partial
+            # image is left behind and deleted at the next attempt or start.
+            await asyncio.wait((fetch, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, BootstrapError):
+                    await fetch
+                return self._error("bootstrap abandoned: stopping")
+            seq = fetch.result()
         except BootstrapError as err:
             return self._error(f"bootstrap failed: {err}")
         finally:
+            stopping.cancel()
             self.bootstrap_bytes = (0, 0)
         # Fatal if it fails: the node has closed its store and WAL; the next start finishes
         # the switch (bootstrap.ready is the commit point) and opens them again.

@@ -202,6 +202,11 @@ class WAL:
                 # A crash right after a segment cut leaves an empty last segment: the sequence
                 # stands where the previous segment ends.
                 last_seq = self._scan_last_seq(self._segments[-2])
+        if last_seq == 0:
+            # An empty log below a floor continues what its owner already holds (the snapshot
+            # a replica switched to): it stands at floor - 1, as if it had written and synced
+            # those, so last_seq and durable_seq give the node's true position.
+            last_seq = next_seq_floor - 1
         self._last_seq = self._durable_seq = last_seq
         self._next_seq = max(next_seq_floor, last_seq + 1)
         if self._segments:
