@@ -56,12 +56,18 @@ def read_units(path: str, verdicts: list[FileVerdict]) -> Iterator[Unit]:
         reader = SegmentReader(fd)
         units = entries = 0
         first = last = -1
-        for unit in reader:
-            units += 1
-            entries += len(unit.entries)
-            first = unit.first_seq if first < 0 else first
-            last = unit.last_seq
-            yield unit
+        try:
+            for unit in reader:
+                units += 1
+                entries += len(unit.entries)
+                first = unit.first_seq if first < 0 else first
+                last = unit.last_seq
+                yield unit
+        except OSError as err:
+            # A read on the descriptor (EIO, EISDIR) names no file: name it.
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, path) from err
         assert reader.end is not None
         verdicts.append(FileVerdict(path, reader.end, units, entries, first, last))
     finally:

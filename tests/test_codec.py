@@ -23,6 +23,7 @@ from kevo_repl.wal.codec import (
     encode_entry,
     encode_seed_blob_batch,
     record,
+    scan_unit,
 )
 
 # KEVO_COMPAT.md §1.12
@@ -171,6 +172,39 @@ def test_specific_errors() -> None:
             assert err.offset >= 0 and err.end > err.offset
         else:
             raise AssertionError(f"no CodecError for {reason}")
+
+
+def test_scan_unit_checks_lengths_like_decode_unit() -> None:
+    """CRC-valid records whose lengths do not fit are refused by both readers, alike."""
+    head = struct.pack("<BQI", Op.PUT, 9, 1) + b"k"
+    cases = {
+        "value length 100 runs past the entry": head + struct.pack("<I", 100) + b"v",
+        "value length 2 runs past the entry": head + struct.pack("<I", 2) + b"v",
+        "value length missing": head + b"\x00\x00",
+        "key length 50 runs past the entry": struct.pack("<BQI", Op.MERGE, 9, 50) + b"k",
+        "key length 9 runs past the entry": struct.pack("<BQI", Op.DELETE, 9, 9) + b"k",
+    }
+    for reason, payload in cases.items():
+        data = record(RECORD_FULL, payload) + encode_entry(10, Op.PUT, b"x", b"y")
+        errors = []
+        for read in (decode_unit, scan_unit):
+            try:
+                read(data, 0)
+            except CodecError as err:
+                errors.append((err.offset, err.end, err.reason))
+            else:
+                raise AssertionError(f"{read.__name__} accepted a record with {reason}")
+        assert errors[0] == errors[1], errors
+        assert errors[0][2] == reason
+    # What fits exactly is accepted by both (the value may end the entry, or be followed).
+    for payload in (head + struct.pack("<I", 1) + b"v", head + struct.pack("<I", 0) + b"zz"):
+        data = record(RECORD_FULL, payload)
+        decoded, scanned = decode_unit(data, 0), scan_unit(data, 0)
+        assert decoded is not None and scanned is not None
+        assert (scanned.first_seq, scanned.length, scanned.raw) == (9, len(data), data)
+        assert decoded.length == len(data)
+    delete = record(RECORD_FULL, struct.pack("<BQI", Op.DELETE, 9, 1) + b"k")
+    assert scan_unit(delete, 0) is not None
 
 
 @given(st.binary(max_size=2048))

@@ -127,6 +127,42 @@ def test_eviction_keeps_memory_bounded_and_units_consecutive() -> None:
             assert window.bytes_held + older > window.max_bytes
 
 
+def _bytes_referenced(window: TailWindow) -> int:
+    """Bytes of every bytes-like object the window's attributes reach (its real footprint)."""
+    total, seen = 0, set()
+    stack: list[object] = [vars(window)]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, bytes | bytearray | memoryview):
+            total += len(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            stack.extend(obj)
+    return total
+
+
+def test_evicted_units_release_their_bytes_before_compaction() -> None:
+    """Eviction lets go of a unit's bytes at once, not when the slots are compacted (4096 of
+    them later): what the window references stays within `max_bytes`."""
+    window = TailWindow(100_000)
+    seq = 1
+    for i in range(3000):  # fewer than the compaction threshold of evicted slots
+        window.add(seq, seq, bytes([i % 251]) * 10_000)  # a distinct object every time
+        seq += 1
+        if i % 97 == 0 or i == 2999:
+            assert _bytes_referenced(window) <= window.max_bytes
+            assert _bytes_referenced(window) == window.bytes_held - UNIT_OVERHEAD_BYTES * len(
+                window
+            )
+    assert window.first_seq is not None and len(window) == 9
+    got = window.take(window.first_seq, BIG, BIG, BIG)
+    assert got is not None and got.last_seq == seq - 1 and len(got.raw) == 9 * 10_000
+
+
 def test_unit_larger_than_the_bound_empties_the_window() -> None:
     window = TailWindow(1000)
     nxt = _fill_window(window, [(1, 50)] * 4)

@@ -104,3 +104,33 @@ def test_raw_copy_indexes_every_position_and_refuses_a_gap_whole(tmp_path: Path)
         for seq in range(1, src.last_seq + 1):
             assert next(dst.entries_from(seq)) == next(src.entries_from(seq))
     src.close()
+
+
+@pytest.mark.parametrize("from_raw", [False, True])
+def test_append_units_refuses_an_oversize_unit_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, from_raw: bool
+) -> None:
+    """An oversize unit after a good one refuses the whole call: nothing is written, and the
+    next append takes sequence 1 (it used to get it again after the good unit was buffered)."""
+    from kevo_repl.repl.frames import Codec, decode_frame_raw, encode_frame
+    from kevo_repl.wal import log as wal_log
+
+    with WAL.open(str(tmp_path / "src"), WalOptions(sync_mode=SyncMode.NONE)) as src:
+        src.append(Op.PUT, b"ok", b"small")
+        src.append(Op.PUT, b"big", b"x" * 2000)
+        units = list(src.units_from(1))
+    raw, decoded = decode_frame_raw(encode_frame(units, Codec.NONE))
+    monkeypatch.setattr(wal_log, "MAX_UNIT_BYTES", 1000)  # the real limit is 256 MiB
+    with WAL.open(str(tmp_path / "dst")) as dst:
+        with pytest.raises(InvalidArgumentError, match="exceeds the limit of 1000"):
+            if from_raw:
+                dst.append_units_nowait(decoded, raw)
+            else:
+                dst.append_units(units)
+        assert (dst.last_seq, dst.next_seq) == (0, 1)
+        assert dst.append(Op.PUT, b"after", b"1") == 1
+        assert dst.append_units_nowait([]) == 1
+        assert [(e.seq, e.key) for e in dst.entries_from(1)] == [(1, b"after")]
+    with WAL.open(str(tmp_path / "dst")) as dst:
+        assert [(e.seq, e.key) for e in dst.entries_from(1)] == [(1, b"after")]
+        assert dst.next_seq == 2

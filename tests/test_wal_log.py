@@ -8,6 +8,8 @@ test works in its own tmp_path; nothing asserts on wall-clock timings.
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import os
 import re
 import threading
@@ -18,17 +20,25 @@ from typing import cast
 
 import pytest
 
-from kevo_repl import fsutil
+from kevo_repl import fsutil, walcli
 from kevo_repl.errors import (
     CorruptionError,
     InvalidArgumentError,
     SequenceCompactedError,
     WalClosedError,
+    WalError,
     WalLockedError,
 )
 from kevo_repl.wal import WAL, Entry, Op, RetentionPolicy, SyncMode, Unit, WalOptions
 from kevo_repl.wal.codec import RECORD_FIRST, encode_batch, encode_entry
-from kevo_repl.wal.segment import Outcome, ReadEnd, SegmentReader, list_segments, segment_name
+from kevo_repl.wal.segment import (
+    READ_CHUNK_BYTES,
+    Outcome,
+    ReadEnd,
+    SegmentReader,
+    list_segments,
+    segment_name,
+)
 
 SMALL = 4096  # the smallest segment_bytes_max the WAL accepts
 NAME_RE = re.compile(r"^\d{20}\.wal$")
@@ -638,6 +648,37 @@ def test_zero_filled_tail_counts_as_torn(tmp_path: Path) -> None:
         assert wal.recovery.torn is None
 
 
+def test_large_torn_tail_is_kept_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cut bytes are copied to the kept file in bounded reads, never read whole."""
+    with WAL.open(str(tmp_path), WalOptions(sync_mode=SyncMode.NONE)) as wal:
+        fill(wal, 10)
+        path = wal.segment_paths()[-1]
+    good_size = os.path.getsize(path)
+    tail = 3 * READ_CHUNK_BYTES + 123
+    with open(path, "ab") as f:
+        f.write(b"\0" * tail)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    with WAL.open(str(tmp_path)) as wal:
+        torn = wal.recovery.torn
+        assert torn is not None and torn.offset == good_size and torn.bytes_cut == tail
+        assert wal.last_seq == 10
+    monkeypatch.undo()
+    assert reads and max(reads) <= READ_CHUNK_BYTES
+    kept = Path(torn.kept_at).read_bytes()
+    assert len(kept) == tail and kept.count(0) == tail
+    assert os.path.getsize(path) == good_size
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
 def _flip_payload_byte(path: str, unit: Unit) -> None:
     raw = bytearray(Path(path).read_bytes())
     at = unit.offset + unit.length - 2  # inside the value: the CRC no longer matches
@@ -705,6 +746,28 @@ def test_stray_temp_segment_removed_on_open(tmp_path: Path) -> None:
         assert wal.last_seq == 1
         assert len(wal.segment_paths()) == 1
     assert not stray.exists()
+
+
+def test_directory_named_like_a_segment_is_not_one(tmp_path: Path) -> None:
+    """Only regular files are segments: the WAL, `wal verify` and `wal dump` skip directories
+    named like one (reading one used to fail with EISDIR, naming no path)."""
+    with WAL.open(str(tmp_path)) as wal:
+        fill(wal, 5)
+        real = [os.path.basename(p) for p in wal.segment_paths()]
+    (tmp_path / segment_name(1)).mkdir()  # sorts before the real segment
+    (tmp_path / segment_name(9 * 10**19)).mkdir()  # sorts after it: would be the active one
+    (tmp_path / (segment_name(9 * 10**19 + 1) + ".tmp")).mkdir()  # not a stray temp file
+    assert list_segments(str(tmp_path)) == real
+    with WAL.open(str(tmp_path)) as wal:
+        assert wal.last_seq == 5 and seqs(wal.entries_from(1)) == [1, 2, 3, 4, 5]
+        assert [os.path.basename(p) for p in wal.segment_paths()] == real
+    out = io.StringIO()
+    assert walcli.verify(str(tmp_path), out) == walcli.EXIT_OK
+    assert out.getvalue().count("clean, 5 units") == 1
+    out = io.StringIO()
+    assert walcli.dump(str(tmp_path), 1, False, out) == walcli.EXIT_OK
+    assert len(out.getvalue().splitlines()) == 5
+    assert (tmp_path / segment_name(1)).is_dir()  # left alone
 
 
 # ------------------------------------------------------------------------------------- 7. lock
@@ -843,6 +906,83 @@ def test_newest_closed_kept_while_active_not_durable(tmp_path: Path) -> None:
         last = wal.last_seq
     with WAL.open(str(tmp_path)) as wal:
         assert wal.next_seq == last + 1
+
+
+def test_retention_failure_is_a_wal_error_naming_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wal, _ = build_log(tmp_path, 300)
+    try:
+        ranges = seg_ranges(wal)
+        stuck = ranges[1][0]
+        real_unlink = os.unlink
+
+        def unlink(path: str) -> None:
+            if path == stuck:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            real_unlink(path)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+        with pytest.raises(WalError, match=re.escape(stuck)) as info:
+            wal.apply_retention(RetentionPolicy(min_seq_keep=ranges[4][2]))
+        assert isinstance(info.value.__cause__, PermissionError)
+        monkeypatch.undo()
+        # Oldest first, stopping at the failure: no gap in the files left on disk.
+        assert not os.path.exists(ranges[0][0])
+        assert all(os.path.exists(r[0]) for r in ranges[1:])
+        assert wal.segment_paths() == [r[0] for r in ranges[4:]]
+        assert wal.append(Op.PUT, b"still", b"writable") == 301  # the WAL is not failed
+    finally:
+        wal.close()
+    with WAL.open(str(tmp_path), NONE_SMALL) as wal:
+        assert wal.first_seq == ranges[1][1]  # the undeleted segments are back, in order
+        assert seqs(wal.entries_from(ranges[1][1])) == list(range(ranges[1][1], 302))
+        deleted = wal.apply_retention(RetentionPolicy(min_seq_keep=ranges[4][2]))
+        assert deleted == [r[0] for r in ranges[1:4]]
+
+
+@pytest.mark.parametrize("step", ["open", "rename", "fsync_dir"])
+def test_segment_cut_failure_is_a_wal_error_and_fails_the_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = os.open
+
+    def open_tmp_fails(path: str, flags: int, mode: int = 0o777) -> int:
+        if path.endswith(".wal.tmp"):
+            no_space()
+        return real_open(path, flags, mode)
+
+    wal = WAL.open(str(tmp_path), NONE_SMALL)
+    try:
+        fill(wal, 3)
+        if step == "open":
+            monkeypatch.setattr(os, "open", open_tmp_fails)
+        elif step == "rename":
+            monkeypatch.setattr(os, "rename", no_space)
+        else:
+            monkeypatch.setattr(fsutil, "fsync_dir", no_space)
+        with pytest.raises(WalError, match="cannot create WAL segment") as info:
+            while True:
+                failed_seq = wal.next_seq
+                wal.append(Op.PUT, b"k", b"v" * 200)
+        assert str(tmp_path) in str(info.value) and "No space left" in str(info.value)
+        assert isinstance(info.value.__cause__, OSError)
+        assert wal.last_seq == failed_seq - 1 and wal.next_seq == failed_seq
+        with pytest.raises(WalError, match="failed earlier"):
+            wal.append(Op.PUT, b"k", b"v")
+        with pytest.raises(WalError, match="failed earlier"):
+            wal.append_batch([(Op.PUT, b"k", b"v")])
+        monkeypatch.undo()
+    finally:
+        wal.close()  # no double close of the retired descriptor, the lock released
+    with WAL.open(str(tmp_path), NONE_SMALL) as wal:
+        assert wal.last_seq == failed_seq - 1
+        assert seqs(wal.entries_from(1)) == list(range(1, failed_seq))
+        assert wal.append(Op.PUT, b"after", b"restart") == failed_seq
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 # --------------------------------------------------------------------------------- 9. observers

@@ -294,14 +294,25 @@ def scan_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
         crc, length, rtype = _HEADER.unpack_from(buf, pos)
         end = pos + HEADER_SIZE + length
         if rtype == RECORD_FULL and end <= len(buf) and length >= ENTRY_HEADER_SIZE:
-            op, seq, keylen = _ENTRY_HEAD.unpack_from(buf, pos + HEADER_SIZE)
-            raw = buf[pos:end]
+            start = pos + HEADER_SIZE
+            op, seq, keylen = _ENTRY_HEAD.unpack_from(buf, start)
+            kend = ENTRY_HEADER_SIZE + keylen
+            # The same bounds decode_entry checks (a Delete has no value length); anything that
+            # fails them goes to decode_unit, which raises the same error it always does.
             if (
                 0 < op < OP_BATCH
-                and ENTRY_HEADER_SIZE + keylen <= length
-                and _crc32(raw[HEADER_SIZE:]) == crc
+                and kend <= length
+                and (
+                    op == Op.DELETE
+                    or (
+                        kend + 4 <= length
+                        and kend + 4 + _U32.unpack_from(buf, start + kend)[0] <= length
+                    )
+                )
             ):
-                return Unit((), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw)
+                raw = buf[pos:end]
+                if _crc32(raw[HEADER_SIZE:]) == crc:
+                    return Unit((), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw)
     return decode_unit(buf, pos, base, keep_raw=True)
 
 

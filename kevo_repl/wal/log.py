@@ -50,10 +50,11 @@ from kevo_repl.wal.codec import (
 )
 from kevo_repl.wal.observer import ObserverHub, WalObserver
 from kevo_repl.wal.segment import (
+    READ_CHUNK_BYTES,
     Outcome,
     ReadEnd,
     SegmentReader,
-    list_segments,
+    scan_directory,
     segment_name,
 )
 from kevo_repl.wal.tail import TailSlice, TailWindow
@@ -188,10 +189,9 @@ class WAL:
         return wal
 
     def _recover(self, next_seq_floor: int) -> None:
-        for stray in os.listdir(self.directory):
-            if stray.endswith(".wal.tmp"):
-                os.unlink(os.path.join(self.directory, stray))
-        names = list_segments(self.directory)
+        names, strays = scan_directory(self.directory)  # one listing for both
+        for stray in strays:
+            os.unlink(os.path.join(self.directory, stray))
         self._segments = [self._closed_segment(n) for n in names[:-1]]
         torn: TornTail | None = None
         last_seq = 0
@@ -428,17 +428,28 @@ class WAL:
         with self._lock:
             self._check_writable()
             expected = self._next_seq
-            for unit in units:  # all or nothing: a gap anywhere refuses the whole call
+            # All or nothing: a gap or an oversize unit anywhere refuses the whole call before a
+            # byte is written (a refusal half way would leave units buffered under sequence
+            # numbers `_next_seq` does not account for, and the next append would reuse them).
+            encoded: list[bytes] = []
+            for unit in units:
                 if unit.first_seq != expected:
                     raise InvalidArgumentError(
                         f"unit starting at sequence {unit.first_seq} does not continue the WAL "
                         f"(next is {expected})"
                     )
+                if raw is None:
+                    encoded.append(_encode_unit(unit))
+                size = unit.length if raw is not None else len(encoded[-1])
+                if size > MAX_UNIT_BYTES:  # what _write_unit_locked would refuse half way
+                    raise InvalidArgumentError(
+                        f"WAL unit of {size} bytes at sequence {unit.first_seq} exceeds the "
+                        f"limit of {MAX_UNIT_BYTES}"
+                    )
                 expected = unit.last_seq + 1
             tail = self._tail
             if raw is None:
-                for unit in units:
-                    data = _encode_unit(unit)
+                for unit, data in zip(units, encoded, strict=True):
                     self._write_unit_locked(data, unit.first_seq)
                     if tail is not None:
                         tail.add(unit.first_seq, unit.last_seq, data)
@@ -543,7 +554,7 @@ class WAL:
         if not ops:
             raise InvalidArgumentError("a WAL batch needs at least one operation")
         for op, _, _ in ops:
-            if op not in (Op.PUT, Op.DELETE, Op.MERGE):
+            if op not in _VALID_OPS:
                 raise InvalidArgumentError(f"invalid WAL operation {op!r} in batch")
         with self._lock:
             self._check_writable()
@@ -603,16 +614,25 @@ class WAL:
             self._buf.clear()
 
     def _cut_segment_locked(self, first_seq: int) -> _Segment:
-        """Close the active segment durably and start a new one holding `first_seq` onwards."""
+        """Close the active segment durably and start a new one holding `first_seq` onwards.
+
+        Any failure marks the WAL failed: once the old descriptor is closed there is no active
+        file to append to, and a failed fsync leaves the page cache untrustworthy.
+        """
         if self._segments:
             self._flush_locked()
             self._fsync_locked(self._fd)
             self._durable_seq = max(self._durable_seq, self._last_seq)
-            if self._fd == self._leader_fd:
-                self._retired_fds.append(self._fd)  # a sync leader is using it: it closes it
-            else:
-                os.close(self._fd)
+            old_fd, self._fd = self._fd, -1  # never closed twice, whatever fails below
             self._segments[-1].index_complete = True
+            if old_fd == self._leader_fd:
+                self._retired_fds.append(old_fd)  # a sync leader is using it: it closes it
+            else:
+                try:
+                    os.close(old_fd)
+                except OSError as err:
+                    self._fail(err)
+                    raise WalError(f"close of {self._segments[-1].path} failed: {err}") from err
         prev = self._segments[-1].name if self._segments else None
         stamp = time.time_ns()
         if prev is not None:
@@ -620,10 +640,18 @@ class WAL:
         name = segment_name(stamp)
         path = os.path.join(self.directory, name)
         tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        self._fsync_locked(fd)
-        os.rename(tmp, path)
-        fsutil.fsync_dir(self.directory)
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            fsutil.fsync_fd(fd)
+            os.rename(tmp, path)
+            fsutil.fsync_dir(self.directory)
+        except OSError as err:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fail(err)  # a leftover .wal.tmp is removed by the next open's recovery
+            raise WalError(f"cannot create WAL segment {path}: {err}") from err
         seg = _Segment(name, path, first_seq, 0)
         self._segments.append(seg)
         self._fd = fd
@@ -919,13 +947,34 @@ class WAL:
         with self._lock:
             doomed = self._retention_victims_locked(policy, now)
             self._segments = self._segments[len(doomed) :]
+        error: WalError | None = None
+        deleted: list[_Segment] = []
         for seg in doomed:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(seg.path)
-        if doomed:
-            fsutil.fsync_dir(self.directory)
-            log.info("WAL retention deleted %d segment(s) up to %s", len(doomed), doomed[-1].name)
-        return [s.path for s in doomed]
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                # Stop at the first failure, oldest first: deleting a newer segment would leave
+                # a gap in the files on disk. The ones left are no longer read; a restart lists
+                # them again and a later retention deletes them.
+                error = WalError(f"WAL retention cannot delete {seg.path}: {err}")
+                error.__cause__ = err
+                break
+            deleted.append(seg)
+        if deleted:
+            try:
+                fsutil.fsync_dir(self.directory)
+            except OSError as err:
+                # Only the deletions may not be durable: a restart would find the segments
+                # again, an older prefix of the log, which is harmless.
+                if error is None:
+                    error = WalError(f"fsync of {self.directory} after WAL retention failed: {err}")
+                    error.__cause__ = err
+            log.info("WAL retention deleted %d segment(s) up to %s", len(deleted), deleted[-1].name)
+        if error is not None:
+            raise error
+        return [s.path for s in deleted]
 
     def _retention_victims_locked(self, policy: RetentionPolicy, now: float) -> list[_Segment]:
         floor = min(self._holds.values(), default=MAX_SEQ + 1)
@@ -1006,6 +1055,8 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except FileNotFoundError:
         return 0.0
+    except OSError as err:
+        raise WalError(f"cannot stat WAL segment {path}: {err}") from err
 
 
 def lock_directory(directory: str) -> int:
@@ -1015,16 +1066,36 @@ def lock_directory(directory: str) -> int:
 def _cut_tail(fd: int, path: str, end: ReadEnd) -> TornTail:
     """Truncate a torn tail at `end.offset`, keeping the cut bytes in NAME.wal.torn-OFFSET."""
     size = os.fstat(fd).st_size
-    cut = os.pread(fd, size - end.offset, end.offset)
     kept_at = f"{path}.torn-{end.offset}"
     suffix = 0
     while os.path.exists(kept_at):  # never overwrite bytes kept by an earlier repair
         suffix += 1
         kept_at = f"{path}.torn-{end.offset}.{suffix}"
-    fsutil.atomic_write(kept_at, cut)
+    cut = _copy_range_durably(fd, end.offset, size, kept_at)
     os.ftruncate(fd, end.offset)
     fsutil.fsync_fd(fd)
-    return TornTail(path, end.offset, len(cut), kept_at, end.reason)
+    return TornTail(path, end.offset, cut, kept_at, end.reason)
+
+
+def _copy_range_durably(fd: int, start: int, stop: int, dest: str) -> int:
+    """Copy bytes `start..stop` of `fd` to a new file `dest` as `fsutil.atomic_write` would, a
+    chunk at a time: a torn tail can be hundreds of megabytes of zeros. Returns bytes copied."""
+    tmp = f"{dest}.tmp"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    pos = start
+    try:
+        while pos < stop:
+            chunk = os.pread(fd, min(READ_CHUNK_BYTES, stop - pos), pos)
+            if not chunk:
+                break  # the file is shorter than it was: nothing more to keep
+            fsutil.write_all(out, chunk)
+            pos += len(chunk)
+        fsutil.fsync_fd(out)
+    finally:
+        os.close(out)
+    os.replace(tmp, dest)
+    fsutil.fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    return pos - start
 
 
 def repair_segment(path: str) -> TornTail | None:

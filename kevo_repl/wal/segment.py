@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,8 +31,36 @@ def segment_name(stamp_ns: int) -> str:
 
 
 def list_segments(directory: str) -> list[str]:
-    """Segment file names (not paths) in log order."""
-    return sorted(n for n in os.listdir(directory) if SEGMENT_RE.match(n))
+    """Segment file names (not paths) in log order.
+
+    Only regular files (or links to them) count: a directory or a FIFO named like a segment is
+    not one, and reading it would fail without naming it (or block). An entry that cannot be
+    looked at (a dangling link) is kept, so that opening it reports the problem with its path.
+    """
+    return scan_directory(directory)[0]
+
+
+def scan_directory(directory: str) -> tuple[list[str], list[str]]:
+    """(`list_segments`, names of leftover `*.wal.tmp` files) from one listing of `directory`."""
+    segments: list[str] = []
+    strays: list[str] = []
+    with os.scandir(directory) as it:
+        for entry in it:
+            name = entry.name
+            if SEGMENT_RE.match(name):
+                if _is_regular(entry):
+                    segments.append(name)
+            elif name.endswith(".wal.tmp") and _is_regular(entry):
+                strays.append(name)
+    segments.sort()
+    return segments, strays
+
+
+def _is_regular(entry: os.DirEntry[str]) -> bool:
+    try:
+        return stat.S_ISREG(entry.stat().st_mode)
+    except OSError:
+        return True
 
 
 class Outcome(enum.Enum):

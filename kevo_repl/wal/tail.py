@@ -20,6 +20,9 @@ from typing import NamedTuple
 
 UNIT_OVERHEAD_BYTES = 128  # a tuple, its ints and a bytes header, roughly, per unit
 _COMPACT_AFTER = 4096  # evicted slots kept before the lists are shifted down
+# What an evicted slot holds until compaction: its bytes are let go at eviction, so the memory
+# bound holds however many slots wait to be compacted (only `take`, from `_head` on, reads them).
+_EVICTED: tuple[int, int, bytes] = (0, 0, b"")
 
 
 class TailSlice(NamedTuple):
@@ -55,8 +58,10 @@ class TailWindow:
         self._firsts.append(first_seq)
         self._units.append((first_seq, last_seq, data))
         self._bytes += len(data) + UNIT_OVERHEAD_BYTES
-        while self._bytes > self.max_bytes and self._head < len(self._units):
-            self._bytes -= len(self._units[self._head][2]) + UNIT_OVERHEAD_BYTES
+        units = self._units
+        while self._bytes > self.max_bytes and self._head < len(units):
+            self._bytes -= len(units[self._head][2]) + UNIT_OVERHEAD_BYTES
+            units[self._head] = _EVICTED  # drop the bytes now, not at compaction
             self._head += 1
         if self._head >= _COMPACT_AFTER and self._head * 2 >= len(self._units):
             del self._firsts[: self._head]
