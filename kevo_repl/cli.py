@@ -48,6 +48,17 @@ def _seq(text: str) -> int:
     return value
 
 
+def _limit(text: str) -> int:
+    """A scan limit: what the int32 field of ScanRequest holds (0: no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"limit out of range 0..{2**31 - 1}: {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kevo-repl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kevo-repl {__version__}")
@@ -121,7 +132,7 @@ def _add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
             p.add_argument("--prefix", default="")
             p.add_argument("--start", default="")
             p.add_argument("--end", default="")
-            p.add_argument("--limit", type=int, default=0)
+            p.add_argument("--limit", type=_limit, default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

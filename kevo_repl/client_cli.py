@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -33,27 +34,29 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def _kevo_call(channel: grpc.Channel, args: argparse.Namespace) -> int:
+    # os.fsencode: arguments are bytes the shell passed (undecodable ones arrive as surrogate
+    # escapes); .encode() would raise on them.
     stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
     if args.command == "put":
         stub.Put(
-            pb.PutRequest(key=args.key.encode(), value=args.value.encode(), sync=args.sync),
+            pb.PutRequest(key=os.fsencode(args.key), value=os.fsencode(args.value), sync=args.sync),
             timeout=TIMEOUT_S,
         )
         return 0
     if args.command == "get":
-        reply = stub.Get(pb.GetRequest(key=args.key.encode()), timeout=TIMEOUT_S)
+        reply = stub.Get(pb.GetRequest(key=os.fsencode(args.key)), timeout=TIMEOUT_S)
         if not reply.found:
             print(f"not found: {args.key}", file=sys.stderr)
             return 1
         print(reply.value.decode("utf-8", "backslashreplace"))
         return 0
     if args.command == "delete":
-        stub.Delete(pb.DeleteRequest(key=args.key.encode()), timeout=TIMEOUT_S)
+        stub.Delete(pb.DeleteRequest(key=os.fsencode(args.key)), timeout=TIMEOUT_S)
         return 0
     request = pb.ScanRequest(
-        prefix=args.prefix.encode(),
-        start_key=args.start.encode(),
-        end_key=args.end.encode(),
+        prefix=os.fsencode(args.prefix),
+        start_key=os.fsencode(args.start),
+        end_key=os.fsencode(args.end),
         limit=args.limit,
     )
     for row in stub.Scan(request, timeout=TIMEOUT_S * 6):

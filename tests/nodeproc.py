@@ -4,6 +4,9 @@
 port answers gRPC health checks; `.stop()` sends SIGTERM and returns the exit code, `.kill()` sends
 SIGKILL. It is a context manager whose exit stops the node (killing it if it does not stop in
 time), so a fixture can `with NodeProcess(...) as node: yield node`.
+
+Helpers shared by the cluster tests: `digest(node)` / `wait_same(a, b)` compare stores over gRPC,
+`write_batches(node, tag, count)` fills a node, `run_cli(...)` runs the `kevo-repl` CLI.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +25,15 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kevo_repl.localnode import free_port as free_port  # re-exported: tests import it from here
+from kevo_repl.proto import replication_pb2 as rpb
+from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.proto import service_pb2 as pb
+from kevo_repl.proto import service_pb2_grpc as pb_grpc
+
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def node_env() -> dict[str, str]:
@@ -43,12 +43,16 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run `python -m kevo_repl.cli ARGS` to completion (for commands that exit by themselves)."""
+def run_cli(
+    *args: str, timeout: float = 30.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kevo_repl.cli ARGS` to completion (for commands that exit by themselves).
+
+    `env` is merged over `node_env()`."""
     return subprocess.run(
         [sys.executable, "-m", "kevo_repl.cli", *args],
         cwd=REPO,
-        env=node_env(),
+        env={**node_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -208,6 +212,42 @@ class NodeProcess:
 
 def kevo_stub(channel: grpc.Channel) -> Any:
     """A raw `kevo.KevoService` stub (the generated module is untyped)."""
-    from kevo_repl.proto import service_pb2_grpc
+    return pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
 
-    return service_pb2_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+
+def store_digest(node: NodeProcess) -> rpb.StoreDigest:
+    """The node's GetDigest answer (what `kevo-repl digest` prints), straight over gRPC."""
+    with node.channel() as channel:
+        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply: rpb.StoreDigest = stub.GetDigest(rpb.DigestRequest(), timeout=30)
+        return reply
+
+
+def digest(node: NodeProcess) -> tuple[int, str]:
+    """(applied sequence, sha256 of the store): equal on two nodes holding the same data."""
+    d = store_digest(node)
+    return d.applied_sequence, d.sha256
+
+
+def wait_same(a: NodeProcess, b: NodeProcess, timeout: float = 30.0) -> None:
+    """Wait until `b`'s digest equals `a`'s (b is typically a replica of a)."""
+    deadline = time.monotonic() + timeout
+    while digest(a) != digest(b):
+        assert time.monotonic() < deadline, (
+            f"{b.address} did not converge with {a.address} in {timeout} s:\n{b.stderr()[-3000:]}"
+        )
+        time.sleep(0.1)
+
+
+def write_batches(node: NodeProcess, tag: str, count: int, batch: int = 1000) -> None:
+    """`count` puts of 60-byte values under keys `TAG:0000000`..., `batch` to a BatchWrite."""
+    with node.channel() as channel:
+        stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+        for start in range(0, count, batch):
+            ops = [
+                pb.Operation(
+                    type=pb.Operation.PUT, key=b"%s:%07d" % (tag.encode(), i), value=b"v" * 60
+                )
+                for i in range(start, min(start + batch, count))
+            ]
+            stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=30)

@@ -64,3 +64,16 @@ def test_status_shows_bootstrap_progress_on_both_sides() -> None:
         primary, as_json=False
     )
     assert '"bootstrap_total_bytes": "5"' in format_status(primary, as_json=True)
+
+
+def test_bytes_that_are_not_utf8_and_a_limit_out_of_range_are_handled(tmp_path: Path) -> None:
+    out_of_range = run_cli("scan", "--addr", "127.0.0.1:1", "--limit", "3000000000")
+    assert out_of_range.returncode == 2 and "limit out of range" in out_of_range.stderr
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    with NodeProcess(tmp_path / "node", port):
+        key = "k\udcff"  # the byte 0xff on the command line, as os.fsdecode gives it
+        assert run_cli("put", "--addr", addr, key, "v").returncode == 0
+        got = run_cli("get", "--addr", addr, key)
+        assert (got.returncode, got.stdout) == (0, "v\n"), got.stderr
+        assert "Traceback" not in got.stderr

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from nodeproc import run_cli
 
 
 def _demo(tmp_path: Path, *extra: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "kevo_repl.cli", "demo", "--dir", str(tmp_path), *extra],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-    )
+    result = run_cli("demo", "--dir", str(tmp_path), *extra, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

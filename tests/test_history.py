@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import pytest
-from nodeproc import NodeProcess, free_port, run_cli
+from nodeproc import NodeProcess, digest, free_port, run_cli, wait_same
 
 from kevo_repl.errors import StateFileError
 from kevo_repl.proto import replication_pb2 as rpb
@@ -65,24 +64,10 @@ def test_history_file_round_trip(tmp_path: Path) -> None:
     assert load_history(path) == h
 
 
-def _digest(node: NodeProcess) -> tuple[str, str]:
-    out = run_cli("digest", "--addr", node.address, "--json")
-    assert out.returncode == 0, out.stderr
-    d = json.loads(out.stdout)
-    return d["applied_sequence"], d["sha256"]
-
-
 def _put(node: NodeProcess, n: int, tag: str) -> None:
     stub = pb_grpc.KevoServiceStub(node.channel())  # type: ignore[no-untyped-call]
     for i in range(n):
         stub.Put(pb.PutRequest(key=b"%s%d" % (tag.encode(), i), value=b"v"), timeout=10)
-
-
-def _wait_same(a: NodeProcess, b: NodeProcess) -> None:
-    deadline = time.monotonic() + 30
-    while _digest(a) != _digest(b):
-        assert time.monotonic() < deadline, "the nodes did not converge"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -104,8 +89,8 @@ def test_a_replica_of_a_rebuilt_primary_never_applies_onto_its_diverged_store(
     )
     try:
         _put(primary, 20, "old")
-        _wait_same(primary, replica)
-        before = _digest(replica)
+        wait_same(primary, replica)
+        before = digest(replica)
         assert load_history(str(tmp_path / "r" / "HISTORY")) == load_history(
             str(tmp_path / "p" / "HISTORY")
         )  # the replica adopted its primary's history
@@ -116,7 +101,7 @@ def test_a_replica_of_a_rebuilt_primary_never_applies_onto_its_diverged_store(
         _put(primary, 40, "new")  # more entries than the replica has: numbers alone would fit
         replica.start()
         if policy == "rebootstrap":
-            _wait_same(primary, replica)  # rebuilt from a snapshot of the new primary
+            wait_same(primary, replica)  # rebuilt from a snapshot of the new primary
             assert "diverged" in replica.stderr()
             assert load_history(str(tmp_path / "r" / "HISTORY")) == load_history(
                 str(tmp_path / "p" / "HISTORY")
@@ -133,7 +118,7 @@ def test_a_replica_of_a_rebuilt_primary_never_applies_onto_its_diverged_store(
             time.sleep(0.1)
         assert "FAILED_PRECONDITION" in error and "on_divergence = 'refuse'" in error
         time.sleep(0.5)
-        assert _digest(replica) == before  # nothing of the new log was applied
+        assert digest(replica) == before  # nothing of the new log was applied
     finally:
         replica.close()
         primary.close()
@@ -168,7 +153,7 @@ def test_a_node_with_a_corrupt_history_exits_with_the_file_named(tmp_path: Path)
 
 
 def test_fork_starts_a_new_line_of_writes() -> None:
-    from kevo_repl.node.promotion import fork
+    from kevo_repl.repl.history import fork
 
     old = History((("a", 1), ("b", 10)))
     new = fork(old, 25)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from nodeproc import NodeProcess, free_port, kevo_stub, node_env, run_cli
+from nodeproc import NodeProcess, free_port, kevo_stub, run_cli
 
 from kevo_repl.proto import service_pb2 as pb
 
@@ -502,11 +500,14 @@ def test_cli_config_file_wrong_type(tmp_path: Path) -> None:
     assert "sync_bytes must be int" in r.stderr
 
 
-def test_cli_data_dir_in_use(node: NodeProcess) -> None:
+def test_cli_data_dir_in_use(node: NodeProcess, stub: Any) -> None:
+    """A second node on a running node's data directory is refused, naming the directory."""
     r = serve("--data-dir", node.data_dir, "--listen", f"127.0.0.1:{free_port()}")
     assert r.returncode == 4, r.stderr
     assert "data directory in use" in r.stderr
+    assert node.data_dir in r.stderr and "Traceback" not in r.stderr
     assert node.poll() is None  # the running node is unharmed
+    assert stub.Put(pb.PutRequest(key=b"dircheck/k", value=b"v"), timeout=10).success
 
 
 def test_cli_port_in_use(node: NodeProcess, stub: Any, tmp_path: Path) -> None:
@@ -551,21 +552,12 @@ def test_unusable_directory_is_a_message_not_a_traceback(
 
 
 def test_cli_bad_failpoint_setting(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", str(tmp_path)],
-        env={**node_env(), "KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=soon"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    r = run_cli(
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        env={"KEVO_REPL_FAILPOINTS": "snapshot_chunk_delay=soon"},
     )
     assert r.returncode == 2, r.stderr
     assert "snapshot_chunk_delay needs a number of seconds" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
-    with NodeProcess(tmp_path, free_port()):
-        r = serve("--data-dir", str(tmp_path), "--listen", f"127.0.0.1:{free_port()}")
-        assert r.returncode == 4, r.stderr
-        assert str(tmp_path) in r.stderr and "Traceback" not in r.stderr

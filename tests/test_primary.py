@@ -124,6 +124,9 @@ def test_kevo_protocol_client(tmp_path: Path) -> None:
                 if expected > wal.last_seq:
                     break
             meta = (("session-id", session_id),)
+            beyond = rpb.Ack(acknowledged_up_to=100, flushed_sequence=2**64 - 1)
+            refused = await stub.Acknowledge(beyond, metadata=meta)  # past what was sent
+            assert not refused.success and "past sequence" in refused.message
             ack = await stub.Acknowledge(rpb.Ack(acknowledged_up_to=100), metadata=meta)
             assert ack.success
             nack = await stub.NegativeAcknowledge(rpb.Nack(missing_from_sequence=90), metadata=meta)

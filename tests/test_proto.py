@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from nodeproc import node_env
 
 from kevo_repl.proto import replication_pb2, service_pb2
 from kevo_repl.proto._pool import POOL
@@ -49,13 +49,6 @@ FIRST_EXTENSION_NUMBER = 16
 FDP = descriptor_pb2.FieldDescriptorProto
 
 
-def _child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
 # --------------------------------------------------------------------------- staleness
 
 
@@ -63,7 +56,7 @@ def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "proto" / "generate.py"), "--out", str(tmp_path)],
         cwd=tmp_path,  # the script must not depend on the caller's directory
-        env=_child_env(),
+        env=node_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -288,7 +281,7 @@ def test_import_succeeds_despite_conflicting_default_pool(implementation: str) -
     result = subprocess.run(
         [sys.executable, "-c", _CONFLICT_CHILD, implementation],
         cwd=REPO_ROOT,
-        env=_child_env(PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=implementation),
+        env={**node_env(), "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": implementation},
         capture_output=True,
         text=True,
         timeout=60,

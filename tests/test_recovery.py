@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from nodeproc import node_env, run_cli
 
 from kevo_repl.cli import main
 from kevo_repl.errors import CorruptionError
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
 from kevo_repl.wal.segment import list_segments
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _build(path: Path, n: int = 20) -> tuple[Path, int]:
@@ -137,9 +135,11 @@ def test_sigkill_while_appending_loses_no_returned_append(
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     wal_dir = tmp_path / "wal"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(wal_dir)], stdout=subprocess.PIPE, env=env, text=True
+        [sys.executable, str(script), str(wal_dir)],
+        stdout=subprocess.PIPE,
+        env=node_env(),
+        text=True,
     )
     time.sleep(kill_after_s)
     proc.send_signal(signal.SIGKILL)
@@ -230,10 +230,6 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_cli_console_script_runs() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "kevo_repl.cli", "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("kevo-repl ")

@@ -259,30 +259,33 @@ def test_digest_compares_nodes(cluster: tuple[NodeProcess, list[NodeProcess]]) -
     """`kevo-repl digest`: equal on converged nodes, different once the data differs."""
     import json
 
-    from nodeproc import run_cli
+    from nodeproc import run_cli, store_digest
 
     primary, replicas = cluster
     _workload(primary, random.Random(7), 120, "d")
     _wait_converged(primary, *replicas)
-
-    def digest(node: NodeProcess) -> dict[str, str]:
-        out = run_cli("digest", "--addr", node.address, "--json")
-        assert out.returncode == 0, out.stderr
-        return dict(json.loads(out.stdout))
-
     deadline = time.monotonic() + CONVERGE_S
     while True:
-        seen = [digest(n) for n in (primary, *replicas)]
-        if len({(d["applied_sequence"], d["sha256"]) for d in seen}) == 1:
+        seen = [store_digest(n) for n in (primary, *replicas)]
+        if len({(d.applied_sequence, d.sha256) for d in seen}) == 1:
             break
         assert time.monotonic() < deadline, seen
         time.sleep(0.1)
-    assert [d["role"] for d in seen] == ["primary", "replica", "replica"]
-    assert int(seen[0]["applied_sequence"]) > 100 and len(seen[0]["sha256"]) == 64
+    assert [d.role for d in seen] == ["primary", "replica", "replica"]
+    assert seen[0].applied_sequence > 100 and len(seen[0].sha256) == 64
+    for node, d in zip((primary, *replicas), seen, strict=True):  # the CLI prints the RPC's answer
+        out = run_cli("digest", "--addr", node.address, "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {
+            "applied_sequence": str(d.applied_sequence),
+            "sha256": d.sha256,
+            "role": d.role,
+        }
     _stub(primary).Put(pb.PutRequest(key=b"only-now", value=b"x"), timeout=10)
-    assert digest(primary)["sha256"] != seen[0]["sha256"]
+    assert store_digest(primary).sha256 != seen[0].sha256
     text = run_cli("digest", "--addr", replicas[0].address)
-    assert text.returncode == 0 and "(replica): applied" in text.stdout
+    assert text.returncode == 0
+    assert text.stdout.startswith(f"{replicas[0].address} (replica): applied ")
 
 
 def test_digest_of_a_standalone_node_and_of_nothing(tmp_path: Path) -> None:

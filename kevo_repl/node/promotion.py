@@ -21,6 +21,7 @@ gRPC binds a service's handlers when it is added to a server, so the node adds a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,13 +32,11 @@ import grpc
 from kevo_repl.node.engine import Engine
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl.history import History
+from kevo_repl.repl.history import History, fork
 from kevo_repl.repl.replica import ReplicaDriver
 from kevo_repl.repl.state_files import save_history, write_state
 
 log = logging.getLogger(__name__)
-
-PROMOTED_FILE = "PROMOTED"
 
 
 class ReplicationDispatch(rpb_grpc.WALReplicationServiceServicer):
@@ -97,7 +96,7 @@ class ReplicationDispatch(rpb_grpc.WALReplicationServiceServicer):
 
 @dataclass
 class Promotion:
-    """What a replica node needs to become a primary; `run` does it (once)."""
+    """What a replica node needs to become a primary; `run` does it."""
 
     engine: Engine
     driver: ReplicaDriver
@@ -119,7 +118,7 @@ class Promotion:
         last = self.engine.wal.last_seq
         history = fork(self.driver.history, last + 1)
         await asyncio.to_thread(save_history, self.history_path, history)
-        marker = f'{{"history": "{history.current}", "sequence": {last}}}\n'.encode()
+        marker = json.dumps({"history": history.current, "sequence": last}).encode() + b"\n"
         await asyncio.to_thread(write_state, self.promoted_path, marker)
         self.become_primary(history)
         log.warning(
@@ -130,12 +129,3 @@ class Promotion:
             self.promoted_path,
         )
         return last, history
-
-
-def fork(history: History | None, start: int) -> History:
-    """`history` with a new line of writes from `start` on (a new history if there is none)."""
-    fresh = History.new().current
-    if history is None:
-        return History(((fresh, 1),))
-    kept = tuple((ident, first) for ident, first in history.entries if first < start)
-    return History((*kept, (fresh, start)) if kept else ((fresh, 1),))

@@ -18,11 +18,12 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kevo_repl import __version__, failpoints, fsutil
+from kevo_repl import __version__, datadir, failpoints, fsutil
 from kevo_repl.config import NodeConfig, replication_codecs
+from kevo_repl.datadir import PROMOTED
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
-from kevo_repl.node.promotion import PROMOTED_FILE, Promotion, ReplicationDispatch
+from kevo_repl.node.promotion import Promotion, ReplicationDispatch
 from kevo_repl.node.service import Counters, KevoService, Role
 from kevo_repl.node.transactions import TxRegistry
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
@@ -64,25 +65,32 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+def effective_role(config: NodeConfig) -> str:
+    """The configured role, except that a promoted replica (PROMOTED) serves as a primary."""
+    if config.role == "replica" and os.path.exists(datadir.path(config.data_dir, PROMOTED)):
+        return "primary"
+    return config.role
+
+
 def open_engine(config: NodeConfig) -> Engine:
-    store = LmdbStore.open(os.path.join(config.data_dir, "store"), sync_each_txn=config.store_sync)
+    store = LmdbStore.open(
+        datadir.path(config.data_dir, datadir.STORE), sync_each_txn=config.store_sync
+    )
+    primary = effective_role(config) == "primary"
     wal_options = WalOptions(
         sync_mode=config.wal_sync_mode,
         sync_bytes=config.sync_bytes,
         sync_interval_ms=config.sync_interval_ms,
         segment_bytes_max=config.segment_bytes,
-        tail_window_bytes=config.replication_window_bytes if config.role == "primary" else 0,
+        tail_window_bytes=config.replication_window_bytes if primary else 0,
     )
-    opener = WalOpener(os.path.join(config.data_dir, "wal"), wal_options)
+    opener = WalOpener(datadir.path(config.data_dir, datadir.WAL), wal_options)
     retention = RetentionPolicy(max_total_bytes=config.wal_retain_bytes)
     try:
         return Engine.open(opener, store, retention, MAX_KEY_BYTES)
     except BaseException:
         store.close()
         raise
-
-
-HISTORY_FILE = "HISTORY"
 
 
 def stream_limits(config: NodeConfig) -> StreamLimits:
@@ -111,7 +119,7 @@ def _primary_service(
     config: NodeConfig, engine: Engine, advertise: str, history: History
 ) -> tuple[ReplicationService, Sessions]:
     keeper = SlotKeeper(
-        engine.wal, os.path.join(config.data_dir, "slots.json"), config.slot_keep_bytes
+        engine.wal, datadir.path(config.data_dir, datadir.SLOTS), config.slot_keep_bytes
     )
     engine.before_checkpoint.append(keeper.maintain)
     sessions = Sessions(engine.wal, keeper)
@@ -144,19 +152,18 @@ def _roles(
 ) -> tuple[Role, Promotion | None]:
     server, repl_server = servers
     repl_address = config.replication_listen or config.listen
-    history_path = os.path.join(config.data_dir, HISTORY_FILE)
-    promoted_path = os.path.join(config.data_dir, PROMOTED_FILE)
     role = Role(config.role, advertise)
-    if config.role == "replica" and os.path.exists(promoted_path):
+    acting = effective_role(config)
+    if acting != config.role:
         log.warning(
             "this replica was promoted (%s): serving as a primary; delete that file and the "
             "data directory to make it a replica again",
-            promoted_path,
+            datadir.path(config.data_dir, PROMOTED),
         )
-    elif config.role == "replica":
+    if acting == "replica":
         return role, _replica(config, engine, role, (server, repl_server, repl_address))
-    if config.role in ("primary", "replica"):
-        history = load_or_create_history(history_path)
+    if acting == "primary":
+        history = load_or_create_history(datadir.path(config.data_dir, datadir.HISTORY))
         service, sessions = _primary_service(config, engine, advertise, history)
         _add_replication(service, server, repl_server, repl_address)
         _act_as_primary(role, sessions, engine)
@@ -173,8 +180,8 @@ def _replica(
     where: tuple[grpc.aio.Server, grpc.aio.Server, str],
 ) -> Promotion:
     codecs = [Codec[name.upper()] for name in replication_codecs(config)]
-    node = load_or_create_node_id(os.path.join(config.data_dir, "NODE_ID"))
-    history_path = os.path.join(config.data_dir, HISTORY_FILE)
+    node = load_or_create_node_id(datadir.path(config.data_dir, datadir.NODE_ID))
+    history_path = datadir.path(config.data_dir, datadir.HISTORY)
     driver = ReplicaDriver(
         engine,
         config.primary,
@@ -202,7 +209,7 @@ def _replica(
         asyncio.Event(),
         asyncio.Event(),
         history_path,
-        os.path.join(config.data_dir, PROMOTED_FILE),
+        datadir.path(config.data_dir, PROMOTED),
         become_primary,
     )
     status.promote = promotion.run
@@ -240,6 +247,14 @@ async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
     discard_partial(config.data_dir)
     complete_switch(config.data_dir)
     engine = open_engine(config)
+    try:  # whatever fails from here on (a corrupt state file, say), the engine is closed
+        await _serve_engine(config, engine, stop)
+    finally:
+        await engine.close()
+        log.info("stopped; WAL flushed and store checkpointed at %d", engine.wal.durable_seq)
+
+
+async def _serve_engine(config: NodeConfig, engine: Engine, stop: asyncio.Event) -> None:
     counters = Counters()
     registry = TxRegistry(time.monotonic)
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -288,8 +303,6 @@ async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
     finally:
         for s in _distinct(servers):
             await s.stop(None)
-        await engine.close()
-        log.info("stopped; WAL flushed and store checkpointed at %d", engine.wal.durable_seq)
 
 
 def _distinct(servers: tuple[grpc.aio.Server, grpc.aio.Server]) -> list[grpc.aio.Server]:
@@ -325,6 +338,11 @@ async def _checkpoints(
             counters.checkpoints += 1
         except KevoReplError:
             log.exception("checkpoint failed; will retry")
+        except Exception:
+            # Not one of ours (an OSError, a bug): log it and keep retrying. Escaping would end
+            # this task silently (its gather is only awaited at shutdown), and with it every
+            # later checkpoint and WAL retention: the WAL would grow until the disk fills.
+            log.exception("checkpoint failed unexpectedly; will retry")
 
 
 async def _replicate(promotion: Promotion, stop: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ from kevo_repl.node.transactions import (
 )
 from kevo_repl.proto import service_pb2 as pb
 from kevo_repl.proto import service_pb2_grpc as pb_grpc
+from kevo_repl.store import StoreClosedError
 from kevo_repl.wal import Op
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ def _status_for(err: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(err)
     if isinstance(err, TransactionLimitError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
-    if isinstance(err, WalClosedError):
-        return grpc.StatusCode.UNAVAILABLE, "node is shutting down"
+    if isinstance(err, (WalClosedError, StoreClosedError)):
+        # Shutting down, or a replica reopening its store on a snapshot: a retry will do.
+        return grpc.StatusCode.UNAVAILABLE, "the store is closed or being reopened; retry"
     return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
 
 

@@ -19,7 +19,6 @@ part way, again at the next start before anything opens the store or the WAL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -28,22 +27,23 @@ from collections.abc import Callable
 
 import grpc
 
-from kevo_repl import fsutil
-from kevo_repl.errors import KevoReplError
+from kevo_repl import datadir, fsutil
+from kevo_repl.errors import KevoReplError, StateFileError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.history import History
 from kevo_repl.repl.snapshot import SnapshotError, SnapshotReceiver
+from kevo_repl.repl.state_files import save_history
 from kevo_repl.repl.wire import chunk_of
 from kevo_repl.store.lmdb_store import IMAGE_FILE
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "store"
-WAL_DIR = "wal"
-HISTORY_FILE = "HISTORY"
-PARTIAL_DIR = "bootstrap.partial"
-READY_DIR = "bootstrap.ready"
+STORE_DIR = datadir.STORE
+WAL_DIR = datadir.WAL
+HISTORY_FILE = datadir.HISTORY
+PARTIAL_DIR = datadir.BOOTSTRAP_PARTIAL
+READY_DIR = datadir.BOOTSTRAP_READY
 STORE_FORMAT = "lmdb"  # what a node's store opens
 CHUNK_TIMEOUT_S = 30.0  # a primary silent this long mid-snapshot is gone
 
@@ -71,6 +71,8 @@ async def fetch_snapshot(
         await asyncio.to_thread(_commit, data_dir, partial, history)
     except OSError as err:
         raise BootstrapError(f"{err.filename or data_dir}: {err.strerror}") from None
+    except StateFileError as err:
+        raise BootstrapError(str(err)) from None
     return seq
 
 
@@ -87,7 +89,7 @@ async def _fetch(
             started = time.monotonic()
             seq, history = await _receive(call, fd, image_path, progress)
             received = time.monotonic()
-            await asyncio.to_thread(fsutil.fsync_fd, fd)
+            await _settle(asyncio.ensure_future(asyncio.to_thread(fsutil.fsync_fd, fd)))
             log.info(
                 "snapshot at %d received in %.2f s, synced in %.2f s",
                 seq,
@@ -129,22 +131,33 @@ async def _receive(
                 history = _first_chunk(message)
                 estimate = message.size_estimate
             if writing is not None:
-                await writing
+                await _settle(writing)
                 _report(receiver, estimate, progress)
             # Checked and written on a worker thread while the next chunk arrives; one at a
             # time, in order (the receiver's checks and the file depend on the order).
             writing = asyncio.ensure_future(asyncio.to_thread(_accept, receiver, message, fd, path))
             if message.last:
                 break
-        await writing
+        await _settle(writing)
         writing = None
         _report(receiver, estimate, progress)
     finally:
-        if writing is not None:  # failing: let the write in flight end before the fd closes
-            with contextlib.suppress(BaseException):
-                await writing
+        if writing is not None:  # failing or cancelled: the write in flight ends before fd does
+            await asyncio.wait((writing,))
+            if not writing.cancelled():
+                writing.exception()  # retrieved: the error already on its way is the one reported
     assert receiver.snapshot_seq is not None and history is not None
     return receiver.snapshot_seq, history
+
+
+async def _settle(work: asyncio.Future[None]) -> None:
+    """Await work running on a thread; if we are cancelled (the node stopping), still wait for
+    the thread to finish before going on: the caller then closes the fd it writes to."""
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait((work,))
+        raise
 
 
 def _report(receiver: SnapshotReceiver, estimate: int, progress: Progress) -> None:
@@ -175,9 +188,8 @@ def _accept(receiver: SnapshotReceiver, message: rpb.SnapshotChunk, fd: int, pat
 
 def _commit(data_dir: str, partial: str, history: History) -> None:
     """Make the received snapshot the one to switch to: the commit point."""
-    fsutil.atomic_write(os.path.join(partial, HISTORY_FILE), history.to_json().encode() + b"\n")
     fsutil.fsync_dir(os.path.join(partial, STORE_DIR))
-    fsutil.fsync_dir(partial)
+    save_history(os.path.join(partial, HISTORY_FILE), history)  # fsyncs `partial` too
     ready = os.path.join(data_dir, READY_DIR)
     if os.path.isdir(ready):  # an earlier snapshot never switched to: this one is newer
         shutil.rmtree(ready)

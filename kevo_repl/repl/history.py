@@ -59,3 +59,14 @@ class History:
         if not entries or starts[0] != 1 or starts != sorted(set(starts)):
             raise ValueError(f"history entries out of order: {entries!r}")
         return cls(entries)
+
+
+def fork(history: History | None, start: int) -> History:
+    """`history` with a new line of writes from `start` on (a promoted replica's log). Lines
+    that start at or after `start` had no writes kept: they are replaced. With no history at
+    all, the new line covers everything from 1."""
+    fresh = History.new().current
+    if history is None:
+        return History(((fresh, 1),))
+    kept = tuple((ident, first) for ident, first in history.entries if first < start)
+    return History((*kept, (fresh, start)) if kept else ((fresh, 1),))

@@ -47,7 +47,6 @@ from kevo_repl.repl.state_files import load_slots, write_state
 from kevo_repl.repl.status import not_promotable, store_digest
 from kevo_repl.repl.wire import to_message, wire_codec
 from kevo_repl.store import Store
-from kevo_repl.store.base import StoreExport
 from kevo_repl.wal import WAL, Unit
 from kevo_repl.wal.codec import entry_payload
 
@@ -77,7 +76,6 @@ class Session:
     peer: str
     codec: Codec
     frames: bool
-    started: float
     sent_seq: int = 0
     received_seq: int = 0
     flushed_seq: int = 0
@@ -96,9 +94,9 @@ class BootstrapSession:
     node_id: str
     client_address: str
     peer: str
-    snapshot_seq: int
-    size_estimate: int
-    store_format: str
+    snapshot_seq: int = 0  # these three: once the export has begun
+    size_estimate: int = 0
+    store_format: str = ""
     sent_bytes: int = 0
     progress: ProgressMeter = field(default_factory=ProgressMeter)  # of sent_bytes
 
@@ -203,7 +201,6 @@ class Sessions:
             peer=peer,
             codec=codec,
             frames=request.frames,
-            started=time.time(),
             sent_seq=max(request.start_sequence, 1) - 1,  # what the replica says it has
         )
         self._by_id[session.id] = session
@@ -217,17 +214,13 @@ class Sessions:
     def close(self, session: Session) -> None:
         self._by_id.pop(session.id, None)
 
-    def open_bootstrap(
-        self, request: rpb.SnapshotRequest, peer: str, export: StoreExport
-    ) -> BootstrapSession:
+    def open_bootstrap(self, request: rpb.SnapshotRequest, peer: str) -> BootstrapSession:
+        """Registered before the export begins, so it counts against streams_max at once."""
         boot = BootstrapSession(
             f"snapshot-{time.time_ns()}-{next(self._ids)}",
             request.node_id,
             request.client_address,
             peer,
-            export.applied_seq,
-            export.size_estimate,
-            export.format,
         )
         self.bootstraps[boot.id] = boot
         return boot
@@ -528,7 +521,32 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         assert store is not None
         await self._check_stream_room(context)
         await self._check_slot_room(request.node_id, context)
-        codec = first_known_codec(request.accepted_codecs) or Codec.NONE
+        boot = self.sessions.open_bootstrap(request, context.peer())
+        image: ImageReader | None = None
+        try:
+            image = await self._begin_snapshot(store, request, boot, context)
+            log.info("snapshot at %d for %s (%s)", boot.snapshot_seq, boot.node_id, boot.peer)
+            async for chunk in self._snapshot_chunks(image, boot, context):
+                yield chunk
+            log.info(
+                "snapshot at %d sent to %s: %d bytes",
+                boot.snapshot_seq,
+                boot.peer,
+                image.total_bytes,
+            )
+        finally:
+            if image is not None:
+                image.abandon()
+            self.wal.release(boot.id)
+            self.sessions.bootstraps.pop(boot.id, None)
+
+    async def _begin_snapshot(
+        self,
+        store: Store,
+        request: rpb.SnapshotRequest,
+        boot: BootstrapSession,
+        context: grpc.aio.ServicerContext,
+    ) -> ImageReader:
         try:
             export = await asyncio.to_thread(store.begin_export)
         except KevoReplError as err:
@@ -540,23 +558,15 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 f"this primary's store is {export.format!r}, the replica opens "
                 f"{request.store_format!r} images",
             )
-        seq = export.applied_seq
-        image = ImageReader(export, codec, self.limits.zstd_level)
-        boot = self.sessions.open_bootstrap(request, context.peer(), export)
-        hold = boot.id
-        self.wal.hold(hold, seq + 1)  # until the replica's slot takes over
-        log.info("snapshot at %d for replica %s (%s)", seq, boot.node_id or "?", boot.peer)
-        try:
-            async for chunk in self._snapshot_chunks(image, boot, codec):
-                yield chunk
-            log.info("snapshot at %d sent to %s: %d bytes", seq, boot.peer, image.total_bytes)
-        finally:
-            image.abandon()
-            self.wal.release(hold)
-            self.sessions.bootstraps.pop(boot.id, None)
+        boot.snapshot_seq = export.applied_seq
+        boot.size_estimate = export.size_estimate
+        boot.store_format = export.format
+        self.wal.hold(boot.id, export.applied_seq + 1)  # until the replica's slot takes over
+        codec = first_known_codec(request.accepted_codecs) or Codec.NONE
+        return ImageReader(export, codec, self.limits.zstd_level)
 
     async def _snapshot_chunks(
-        self, image: ImageReader, boot: BootstrapSession, codec: Codec
+        self, image: ImageReader, boot: BootstrapSession, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.SnapshotChunk]:
         index = 0
         delay = failpoints.delay_s("snapshot_chunk_delay")
@@ -572,7 +582,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             message = rpb.SnapshotChunk(
                 index=index,
                 snapshot_sequence=boot.snapshot_seq,
-                codec=wire_codec(codec),
+                codec=wire_codec(image.codec),
                 raw_length=chunk.raw_len,
                 crc32=chunk.crc32,
                 payload=chunk.payload,
@@ -583,15 +593,10 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             index += 1
             boot.sent_bytes += chunk.raw_len
             boot.progress.observe(boot.sent_bytes, time.monotonic())
-        await asyncio.to_thread(image.finish)
-        # The image may hold entries the WAL has written but not yet made durable: the replica
-        # must never be ahead of what survives a crash here.
-        await asyncio.to_thread(self.wal.sync)
-        if boot.node_id:  # from now on its slot keeps the WAL after the snapshot
-            now = time.time()
-            table = self.sessions.keeper.table
-            table.connect(boot.node_id, boot.client_address, boot.snapshot_seq + 1, 0, now)
-            await self.sessions.keeper.maintain()
+        try:
+            await self._end_snapshot(image, boot, context)
+        except KevoReplError as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"snapshot failed: {err}")
         last = rpb.SnapshotChunk(
             index=index,
             snapshot_sequence=boot.snapshot_seq,
@@ -602,6 +607,22 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         if index == 0:
             self._describe_snapshot(last, boot)
         yield last
+
+    async def _end_snapshot(
+        self, image: ImageReader, boot: BootstrapSession, context: grpc.aio.ServicerContext
+    ) -> None:
+        await asyncio.to_thread(image.finish)  # raises what the export raised
+        # The image may hold entries the WAL has written but not yet made durable: the replica
+        # must never be ahead of what survives a crash here.
+        await asyncio.to_thread(self.wal.sync)
+        if not boot.node_id:
+            return
+        # From now on its slot keeps the WAL after the snapshot. Slot room is checked again:
+        # other snapshots may have created slots since this one began.
+        await self._check_slot_room(boot.node_id, context)
+        table = self.sessions.keeper.table
+        table.connect(boot.node_id, boot.client_address, boot.snapshot_seq + 1, 0, time.time())
+        await self.sessions.keeper.maintain()
 
     def _describe_snapshot(self, message: rpb.SnapshotChunk, boot: BootstrapSession) -> None:
         message.history = self.history.to_json()
@@ -704,7 +725,15 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         if session is None:
             return rpb.AckResponse(success=False, message="Unknown session")
         applied = request.applied_sequence or request.acknowledged_up_to
-        session.received_seq = max(session.received_seq, request.received_sequence or applied)
+        received = request.received_sequence or applied
+        if max(received, request.flushed_sequence, applied) > session.sent_seq:
+            # Positions past what was sent would move the slot past the WAL's end and release
+            # WAL this replica still needs.
+            return rpb.AckResponse(
+                success=False,
+                message=f"acknowledged past sequence {session.sent_seq}, the last one sent",
+            )
+        session.received_seq = max(session.received_seq, received)
         session.flushed_seq = max(session.flushed_seq, request.flushed_sequence or applied)
         session.applied_seq = max(session.applied_seq, applied)
         session.progress.observe(session.applied_seq, time.monotonic())

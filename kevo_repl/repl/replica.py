@@ -284,10 +284,10 @@ class ReplicaDriver:
         if "session-id" not in headers:  # refused before it began: say why, act on it
             return await self._refused(call)
         stream.session_id = str(headers.get("session-id", ""))
-        diverged = await self._adopt_history(str(headers.get("history", "")), start_seq - 1)
-        if diverged:
+        problem, refusal = await self._adopt_history(str(headers.get("history", "")), start_seq - 1)
+        if problem:
             self._drop_stream()
-            return self._after_refusal(diverged, REFUSED_DIVERGED)
+            return self._after_refusal(problem, refusal)
         log.info("streaming from %s, starting at sequence %d", self.primary, start_seq)
         return self.core.on_connected()
 
@@ -378,25 +378,26 @@ class ReplicaDriver:
             "unknown time" if eta is None else f"about {eta:.0f} s",
         )
 
-    async def _adopt_history(self, text: str, held: int) -> str:
-        """Take the primary's history if our position lies on it; else why not (diverged)."""
+    async def _adopt_history(self, text: str, held: int) -> tuple[str, str]:
+        """Take the primary's history if our position lies on it; else (why not, refusal):
+        REFUSED_DIVERGED only for a real divergence, not for a header we cannot read."""
         if not text:
-            return ""  # a primary that predates histories, or not a kevo-repl primary
+            return "", ""  # a primary that predates histories, or not a kevo-repl primary
         try:
             theirs = History.from_json(text)
         except (ValueError, KeyError, TypeError) as err:
-            return f"the primary sent a bad history header: {err}"
+            return f"the primary sent a bad history header: {err}", ""
         ours = self.history
         if ours is not None and not theirs.contains(ours.id_at(held) or "", held):
             return (
                 f"diverged: this replica holds sequence {held} under history "
                 f"{ours.id_at(held)}, which is not the primary's"
-            )
+            ), REFUSED_DIVERGED
         if theirs != ours:
             if self.history_path:
                 await asyncio.to_thread(save_history, self.history_path, theirs)
             self.history = theirs
-        return ""
+        return "", ""
 
     async def _apply(self, from_seq: int, up_to_seq: int) -> None:
         frame = self._frame
@@ -430,7 +431,7 @@ class ReplicaDriver:
         )
 
     def lag_entries(self) -> int:
-        return max(0, (self.core.primary_last_seq or 0) - self.core.applied_seq)
+        return self.core.lag_entries or 0  # unknown before the primary's first report
 
     def _apply_from_own_wal(self, from_seq: int, up_to_seq: int) -> None:
         entries = list(self.engine.wal.entries_from(from_seq, max_seq=up_to_seq))

@@ -44,7 +44,7 @@ class RawChunk:
 class ImageReader:
     def __init__(self, export: StoreExport, codec: Codec, zstd_level: int) -> None:
         self._export = export
-        self._codec = codec
+        self.codec = codec
         self._level = zstd_level
         self._hash = hashlib.sha256()
         self.total_bytes = 0
@@ -108,7 +108,7 @@ class ImageReader:
                 continue
             if not raw:
                 return RawChunk(0, 0, b"")
-            payload, crc = compress_checked(raw, self._codec, self._level)
+            payload, crc = compress_checked(raw, self.codec, self._level)
             return RawChunk(len(raw), crc, payload)
         return RawChunk(0, 0, b"")
 
