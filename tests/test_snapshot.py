@@ -7,7 +7,6 @@ same paths with real processes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import zlib
 from collections.abc import AsyncIterator
@@ -16,11 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import zstandard
 
-from kevo_repl import failpoints
+from kevo_repl import failpoints, fsutil
 from kevo_repl.errors import ConfigError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl import bootstrap, snapshot_source
 from kevo_repl.repl.bootstrap import (
     PARTIAL_DIR,
     READY_DIR,
@@ -29,12 +30,12 @@ from kevo_repl.repl.bootstrap import (
     discard_partial,
     fetch_snapshot,
 )
-from kevo_repl.repl.frames import Codec, compress_checked
+from kevo_repl.repl.frames import Codec, compress
 from kevo_repl.repl.history import History
 from kevo_repl.repl.primary import ReplicationService, Sessions, StreamLimits
 from kevo_repl.repl.snapshot import Chunk, SnapshotError, SnapshotReceiver
 from kevo_repl.repl.state_files import load_history
-from kevo_repl.repl.wire import chunk_of
+from kevo_repl.repl.wire import chunk_of, wire_codec
 from kevo_repl.store import LmdbStore, MemoryStore, Store
 from kevo_repl.store.memory import load_image
 from kevo_repl.wal import WAL, Entry, Op, SyncMode, WalOptions
@@ -46,11 +47,12 @@ MAP_BYTES = 256 * 1024**2
 
 def _chunks(image: bytes, size: int, seq: int = 9, codec: Codec = Codec.ZSTD) -> list[Chunk]:
     out = []
+    crc = 0
     for index, start in enumerate(range(0, len(image), size)):
         raw = image[start : start + size]
-        payload, crc = compress_checked(raw, codec)
-        out.append(Chunk(index, seq, codec, len(raw), crc, payload))
-    last = Chunk(len(out), seq, 0, 0, 0, b"", True, len(image), hashlib.sha256(image).hexdigest())
+        crc = zlib.crc32(raw, crc)  # the running CRC
+        out.append(Chunk(index, seq, codec, len(raw), crc, compress(raw, codec)))
+    last = Chunk(len(out), seq, 0, 0, 0, b"", True, len(image), zlib.crc32(image))
     return [*out, last]
 
 
@@ -75,16 +77,42 @@ def test_receiver_returns_the_image_in_order() -> None:
         (lambda cs: [cs[0], _with(cs[1], snapshot_seq=10), *cs[2:]], "began with the one at 9"),
         (lambda cs: [cs[0], _flip(cs[1]), *cs[2:]], "CRC mismatch|does not decompress"),
         (lambda cs: [*cs[:-1], _with(cs[-1], total_bytes=1)], "1 bytes, 12000 arrived"),
-        (lambda cs: [*cs[:-1], _with(cs[-1], sha256="0" * 64)], "sha256 does not match"),
+        (lambda cs: [*cs[:-1], _with(cs[-1], image_crc32=1)], "image's CRC does not match"),
         (lambda cs: [*cs, cs[-1]], "after the last chunk"),
+        (lambda cs: _swap_contents(cs), "chunk 1: CRC mismatch"),
     ],
-    ids=["first-missing", "gap", "other-snapshot", "bit-flip", "short", "hash", "after-last"],
+    ids=[
+        "first-missing",
+        "gap",
+        "other-snapshot",
+        "bit-flip",
+        "short",
+        "image-crc",
+        "after-last",
+        "reordered-bytes",
+    ],
 )
 def test_receiver_names_what_is_wrong(damage: object, message: str) -> None:
     chunks = _chunks(os.urandom(12_000), 4096)
     broken = damage(chunks)  # type: ignore[operator]
     with pytest.raises(SnapshotError, match=message):
         _receive(broken)
+
+
+def _swap_contents(chunks: list[Chunk]) -> list[Chunk]:
+    """Chunks 0 and 1 with their bytes swapped and their indexes kept, each with the CRC of its
+    own bytes: every chunk arrives intact and in index order (a CRC per chunk would pass), but
+    the image is not the one sent. The running CRC catches it."""
+    first, second = (_raw_of(c) for c in chunks[:2])
+    return [
+        _with(chunks[1], index=0, crc32=zlib.crc32(second)),
+        _with(chunks[0], index=1, crc32=zlib.crc32(first)),
+        *chunks[2:],
+    ]
+
+
+def _raw_of(chunk: Chunk) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(chunk.payload)
 
 
 def _with(chunk: Chunk, **changes: object) -> Chunk:
@@ -287,6 +315,132 @@ def test_fetch_from_a_primary_that_refuses_leaves_nothing_ready(tmp_path: Path) 
         assert not (tmp_path / READY_DIR).exists()
 
     asyncio.run(scenario())
+
+
+class _FakeCall:
+    """A StreamSnapshot call that yields the given messages (what fetch_snapshot uses of it)."""
+
+    def __init__(self, messages: list[rpb.SnapshotChunk]) -> None:
+        self._messages = messages
+        self.cancelled = False
+
+    async def _each(self) -> AsyncIterator[rpb.SnapshotChunk]:
+        for message in self._messages:
+            await asyncio.sleep(0)
+            yield message
+
+    def __aiter__(self) -> AsyncIterator[rpb.SnapshotChunk]:
+        return self._each()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _FakeStub:
+    def __init__(self, messages: list[rpb.SnapshotChunk]) -> None:
+        self.call = _FakeCall(messages)
+
+    def StreamSnapshot(self, request: rpb.SnapshotRequest) -> _FakeCall:
+        return self.call
+
+
+def _messages(image: bytes, size: int) -> list[rpb.SnapshotChunk]:
+    out = []
+    for c in _chunks(image, size):
+        out.append(
+            rpb.SnapshotChunk(
+                index=c.index,
+                snapshot_sequence=c.snapshot_seq,
+                codec=wire_codec(Codec(c.codec)),
+                raw_length=c.raw_len,
+                crc32=c.crc32,
+                payload=c.payload,
+                last=c.last,
+                total_bytes=c.total_bytes,
+                image_crc32=c.image_crc32,
+            )
+        )
+    out[0].history = History.new().to_json()
+    out[0].store_format = "lmdb"
+    return out
+
+
+def test_a_bad_chunk_mid_stream_fails_the_fetch_and_the_next_one_starts_clean(
+    tmp_path: Path,
+) -> None:
+    image = os.urandom(300_000)
+    good = _messages(image, 8192)  # ~37 chunks: several decoding and writing at once
+    bad = [rpb.SnapshotChunk() for _ in good]
+    for m, b in zip(good, bad, strict=True):
+        b.CopyFrom(m)
+    flipped = bytearray(bad[20].payload)
+    flipped[len(flipped) // 2] ^= 1
+    bad[20].payload = bytes(flipped)
+
+    async def fetch(messages: list[rpb.SnapshotChunk]) -> int:
+        stub = _FakeStub(messages)
+        try:
+            return await fetch_snapshot(
+                stub,  # type: ignore[arg-type]
+                rpb.SnapshotRequest(),
+                str(tmp_path),
+                lambda a, b: None,
+            )
+        finally:
+            assert stub.call.cancelled  # the stream is always closed
+
+    with pytest.raises(BootstrapError, match="snapshot chunk 20"):
+        asyncio.run(fetch(bad))
+    assert not (tmp_path / READY_DIR).exists()
+    assert asyncio.run(fetch(good)) == 9  # the partial image of the first is discarded
+    assert (tmp_path / READY_DIR / "store" / "data.mdb").read_bytes() == image
+
+
+def test_the_image_is_flushed_while_it_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Background fsyncs every FLUSH_BYTES, so the one at the end has little left to write."""
+    synced: list[int] = []
+    real = fsutil.fsync_fd
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(fsutil, "fsync_fd", counting)
+    monkeypatch.setattr(bootstrap, "FLUSH_BYTES", 32 * 1024)
+    image = os.urandom(400_000)
+    asyncio.run(
+        fetch_snapshot(
+            _FakeStub(_messages(image, 8192)),  # type: ignore[arg-type]
+            rpb.SnapshotRequest(),
+            str(tmp_path),
+            lambda a, b: None,
+        )
+    )
+    assert len(synced) >= 3  # some while it arrived (at most one at a time), then the last one
+    assert (tmp_path / READY_DIR / "store" / "data.mdb").read_bytes() == image
+
+
+def test_the_primary_reads_an_image_of_many_chunks_through_its_fixed_buffers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(snapshot_source, "CHUNK_BYTES", 4096)
+    store = MemoryStore()
+    for i in range(2000):
+        store.apply([Entry(i + 1, Op.PUT, b"key%06d" % i, os.urandom(64))], i + 1)
+    reader = snapshot_source.ImageReader(store.begin_export(), Codec.ZSTD, 1)
+    receiver = SnapshotReceiver()
+    image = b""
+    index = 0
+    while (raw := reader.next_chunk()).raw_len:
+        chunk = Chunk(index, 7, Codec.ZSTD, raw.raw_len, raw.crc32, raw.payload)
+        image += receiver.accept(chunk)
+        index += 1
+    reader.finish()
+    assert index > 3 * snapshot_source.BUFFERS  # every buffer was used again and again
+    assert receiver.crc32 == reader.crc32 == zlib.crc32(image)
+    assert load_image(image).digest() == store.digest()
 
 
 # ------------------------------------------------------------------------------ failpoints

@@ -278,7 +278,7 @@ class SnapshotRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., client_address: _Optional[str] = ..., store_format: _Optional[str] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("index", "snapshot_sequence", "codec", "raw_length", "crc32", "payload", "history", "store_format", "size_estimate", "last", "total_bytes", "sha256")
+    __slots__ = ("index", "snapshot_sequence", "codec", "raw_length", "crc32", "payload", "history", "store_format", "size_estimate", "last", "total_bytes", "image_crc32")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -290,7 +290,7 @@ class SnapshotChunk(_message.Message):
     SIZE_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    SHA256_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_CRC32_FIELD_NUMBER: _ClassVar[int]
     index: int
     snapshot_sequence: int
     codec: CompressionCodec
@@ -302,8 +302,8 @@ class SnapshotChunk(_message.Message):
     size_estimate: int
     last: bool
     total_bytes: int
-    sha256: str
-    def __init__(self, index: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ..., history: _Optional[str] = ..., store_format: _Optional[str] = ..., size_estimate: _Optional[int] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    image_crc32: int
+    def __init__(self, index: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ..., history: _Optional[str] = ..., store_format: _Optional[str] = ..., size_estimate: _Optional[int] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., image_crc32: _Optional[int] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
     __slots__ = ()

@@ -23,7 +23,9 @@ import logging
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 
@@ -32,7 +34,7 @@ from kevo_repl.errors import KevoReplError, StateFileError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.history import History
-from kevo_repl.repl.snapshot import SnapshotError, SnapshotReceiver
+from kevo_repl.repl.snapshot import Chunk, SnapshotError, SnapshotReceiver, decode
 from kevo_repl.repl.state_files import save_history
 from kevo_repl.repl.wire import chunk_of
 from kevo_repl.store.lmdb_store import IMAGE_FILE
@@ -46,6 +48,10 @@ PARTIAL_DIR = datadir.BOOTSTRAP_PARTIAL
 READY_DIR = datadir.BOOTSTRAP_READY
 STORE_FORMAT = "lmdb"  # what a node's store opens
 CHUNK_TIMEOUT_S = 30.0  # a primary silent this long mid-snapshot is gone
+FLUSH_BYTES = 32 * 1024 * 1024  # image bytes written between background flushes
+DECODE_AHEAD = 1  # chunks decompressing at once while an earlier one is written
+
+T = TypeVar("T")
 
 
 class BootstrapError(KevoReplError):
@@ -117,7 +123,7 @@ async def _receive(
     history: History | None = None
     estimate = 0
     iterator = call.__aiter__()
-    writing: asyncio.Future[None] | None = None  # the chunk before, checked and written ahead
+    pipeline = _Pipeline(receiver, fd, path)
     try:
         while True:
             try:
@@ -130,34 +136,100 @@ async def _receive(
             if message.index == 0:
                 history = _first_chunk(message)
                 estimate = message.size_estimate
-            if writing is not None:
-                await _settle(writing)
-                _report(receiver, estimate, progress)
-            # Checked and written on a worker thread while the next chunk arrives; one at a
-            # time, in order (the receiver's checks and the file depend on the order).
-            writing = asyncio.ensure_future(asyncio.to_thread(_accept, receiver, message, fd, path))
+            pipeline.push(chunk_of(message))
+            await pipeline.drain(0 if message.last else DECODE_AHEAD)
+            _report(receiver, estimate, progress)
             if message.last:
                 break
-        await _settle(writing)
-        writing = None
+        await pipeline.finish()
         _report(receiver, estimate, progress)
     finally:
-        if writing is not None:  # failing or cancelled: the write in flight ends before fd does
-            await asyncio.wait((writing,))
-            if not writing.cancelled():
-                writing.exception()  # retrieved: the error already on its way is the one reported
+        await pipeline.quiesce()
     assert receiver.snapshot_seq is not None and history is not None
     return receiver.snapshot_seq, history
 
 
-async def _settle(work: asyncio.Future[None]) -> None:
+class _Pipeline:
+    """Chunks in flight on worker threads while the next ones arrive: up to `DECODE_AHEAD`
+    decompressing at once, then each checked (running CRC) and written in order, one at a time
+    (the CRC and the file depend on the order). Holds at most `DECODE_AHEAD` + 2 raw chunks."""
+
+    def __init__(self, receiver: SnapshotReceiver, fd: int, path: str) -> None:
+        self._receiver = receiver
+        self._fd = fd
+        self._path = path
+        self._decoding: deque[tuple[Chunk, asyncio.Future[bytes]]] = deque()
+        self._writing: asyncio.Future[None] | None = None
+        self._flusher = _Flusher(fd)
+
+    def push(self, chunk: Chunk) -> None:
+        self._receiver.admit(chunk)
+        self._decoding.append((chunk, asyncio.ensure_future(asyncio.to_thread(decode, chunk))))
+
+    async def drain(self, keep: int) -> None:
+        """Hand decoded chunks to the writer, in order, until `keep` are left decoding."""
+        while len(self._decoding) > keep:
+            chunk, decoding = self._decoding.popleft()
+            raw = await _settle(decoding)
+            await self._wrote()
+            args = (self._receiver, chunk, raw, self._fd, self._path)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(_write_chunk, *args))
+
+    async def finish(self) -> None:
+        await self.drain(0)
+        await self._wrote()
+
+    async def _wrote(self) -> None:
+        if self._writing is not None:
+            await _settle(self._writing)
+            self._writing = None
+            self._flusher.wrote(self._receiver.received_bytes)
+
+    async def quiesce(self) -> None:
+        """Failing or cancelled: every thread touching the fd ends before the fd does. Their
+        own errors are retrieved: the error already on its way is the one reported."""
+        for _, decoding in self._decoding:
+            await _quiesce(decoding)
+        await _quiesce(self._writing)
+        await _quiesce(self._flusher.running)
+
+
+async def _settle(work: asyncio.Future[T]) -> T:
     """Await work running on a thread; if we are cancelled (the node stopping), still wait for
     the thread to finish before going on: the caller then closes the fd it writes to."""
     try:
-        await asyncio.shield(work)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         await asyncio.wait((work,))
         raise
+
+
+class _Flusher:
+    """Starts an fsync of the image in the background each `FLUSH_BYTES` it grows, so the
+    page cache writes it out while the rest arrives and the fsync at the end has little left
+    (PostgreSQL's pg_flush_data does the same for the files it copies)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._flushed_to = 0
+        self.running: asyncio.Future[None] | None = None
+
+    def wrote(self, size: int) -> None:
+        """The image is `size` bytes long now; raises what a finished flush raised."""
+        if self.running is not None:
+            if not self.running.done():
+                return
+            self.running.result()
+        if size - self._flushed_to >= FLUSH_BYTES:
+            self._flushed_to = size
+            self.running = asyncio.ensure_future(asyncio.to_thread(fsutil.fsync_fd, self._fd))
+
+
+async def _quiesce(work: asyncio.Future[T] | None) -> None:
+    if work is not None:
+        await asyncio.wait((work,))
+        if not work.cancelled():
+            work.exception()
 
 
 def _report(receiver: SnapshotReceiver, estimate: int, progress: Progress) -> None:
@@ -177,9 +249,9 @@ def _first_chunk(message: rpb.SnapshotChunk) -> History:
         raise SnapshotError(f"snapshot chunk 0 carries a bad history: {err}") from None
 
 
-def _accept(receiver: SnapshotReceiver, message: rpb.SnapshotChunk, fd: int, path: str) -> None:
-    """Check one chunk and append its bytes to the image (worker thread)."""
-    raw = receiver.accept(chunk_of(message))
+def _write_chunk(receiver: SnapshotReceiver, chunk: Chunk, raw: bytes, fd: int, path: str) -> None:
+    """Check one decoded chunk's running CRC and append its bytes to the image (worker thread)."""
+    receiver.take(chunk, raw)
     try:
         fsutil.write_all(fd, raw)
     except OSError as err:

@@ -184,15 +184,16 @@ def compress_checked(raw: bytes, codec: Codec, zstd_level: int = 1) -> tuple[byt
 
     Frames and snapshot chunks carry the same pair; `decompress_checked` undoes it.
     """
-    return _compress(raw, codec, zstd_level), zlib.crc32(raw)
+    return compress(raw, codec, zstd_level), zlib.crc32(raw)
 
 
-def _compress(raw: bytes, codec: Codec, zstd_level: int) -> bytes:
+def compress(raw: bytes | bytearray | memoryview, codec: Codec, zstd_level: int = 1) -> bytes:
+    """`raw` compressed with `codec` (NONE: the bytes themselves)."""
     if codec == Codec.ZSTD:
         return bytes(_zstd_compressor(zstd_level).compress(raw))
     if codec == Codec.SNAPPY:
         return bytes(snappy.compress(raw))
-    return raw
+    return bytes(raw)
 
 
 def _check_units(units: Sequence[Unit]) -> None:
@@ -258,6 +259,16 @@ def decompress_checked(
 
     `where` names the frame or chunk in the FrameError raised for anything that fails.
     """
+    raw = decompress_bounded(payload, codec, raw_len, where, raw_bytes_max)
+    check_crc(raw, crc32, where)
+    return raw
+
+
+def decompress_bounded(
+    payload: bytes, codec: int, raw_len: int, where: str, raw_bytes_max: int
+) -> bytes:
+    """`decompress_checked` without the CRC check, for a caller that checks it in another
+    step (a snapshot's running CRC)."""
     try:
         known = Codec(codec)
     except ValueError:
@@ -267,9 +278,13 @@ def decompress_checked(
     raw = _decompress(payload, known, raw_len, where)
     if len(raw) != raw_len:
         raise FrameError(f"{where}: payload is {len(raw)} bytes raw, header says {raw_len}")
-    if zlib.crc32(raw) != crc32:
-        raise FrameError(f"{where}: CRC mismatch")
     return raw
+
+
+def check_crc(raw: bytes, crc32: int, where: str, crc_prior: int = 0) -> None:
+    """FrameError unless ``zlib.crc32(raw, crc_prior) == crc32``."""
+    if zlib.crc32(raw, crc_prior) != crc32:
+        raise FrameError(f"{where}: CRC mismatch")
 
 
 def _decompress(payload: bytes, codec: Codec, raw_len: int, where: str) -> bytes:

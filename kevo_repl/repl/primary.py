@@ -602,7 +602,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             snapshot_sequence=boot.snapshot_seq,
             last=True,
             total_bytes=image.total_bytes,
-            sha256=image.sha256,
+            image_crc32=image.crc32,
         )
         if index == 0:
             self._describe_snapshot(last, boot)

@@ -4,11 +4,16 @@ Three stages run at once, so the slowest sets the pace rather than their sum:
 
 * `Store.begin_export` gives a consistent image; its `write_to` runs on a thread of its own into
   a pipe (LMDB's mdb_env_copyfd2 writes to a descriptor);
-* a reader thread cuts the pipe into chunks and hashes them, into a queue of `QUEUE_CHUNKS`;
-* `ImageReader.next_chunk` (on a worker thread) takes a chunk and compresses it.
+* a reader thread reads the pipe straight into a free buffer of a fixed set (no allocation
+  or page faults per chunk; a buffer is free again once compressed), extends the image's
+  running CRC over it (`kevo_repl.repl.snapshot`) and hands it to a pool of `COMPRESS_THREADS`
+  compressing at once (compression is the costliest stage; zstd and snappy release the GIL),
+  queueing the pending results in order, at most `QUEUE_CHUNKS`;
+* `ImageReader.next_chunk` (on a worker thread) waits for the oldest result.
 
-The pipe and the queue are the bound: the export stalls while the stream is behind, so the
-primary holds a few chunks at most, and nothing is written to its disk.
+The pipe and the buffers are the bound: the export stalls while the stream is behind, so the
+primary holds `BUFFERS` raw chunks and `QUEUE_CHUNKS` compressed ones at most, and nothing is
+written to its disk.
 
 Stopping early (the replica went away): `abandon` sets a flag; the reader thread sees it within
 `POLL_S`, closes the pipe (the export then fails on it and releases its snapshot) and ends, and
@@ -19,25 +24,29 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import queue
 import threading
+import zlib
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from kevo_repl.repl.frames import Codec, compress_checked
+from kevo_repl.repl.frames import Codec, compress
 from kevo_repl.repl.snapshot import CHUNK_BYTES
 from kevo_repl.store.base import StoreExport
 
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
-QUEUE_CHUNKS = 2
+QUEUE_CHUNKS = 3
+COMPRESS_THREADS = 2
+BUFFERS = QUEUE_CHUNKS + COMPRESS_THREADS  # raw chunks: being read, queued or compressed
 POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
 class RawChunk:
     raw_len: int  # 0: the image ended
-    crc32: int
+    crc32: int  # the image's running CRC through this chunk
     payload: bytes
 
 
@@ -46,11 +55,15 @@ class ImageReader:
         self._export = export
         self.codec = codec
         self._level = zstd_level
-        self._hash = hashlib.sha256()
+        self.crc32 = 0  # of the image read so far
         self.total_bytes = 0
         self.error: BaseException | None = None
         self._abandoned = threading.Event()
-        self._chunks: queue.Queue[bytes] = queue.Queue(QUEUE_CHUNKS)
+        self._chunks: queue.Queue[Future[RawChunk]] = queue.Queue(QUEUE_CHUNKS)
+        self._pool = ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="snapshot-compress")
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(BUFFERS):
+            self._free.put(bytearray(CHUNK_BYTES))
         r, w = os.pipe()
         # 64 KiB by default; more lets the export run ahead. Over pipe-max-size an unprivileged
         # process gets EPERM: the default size only costs more system calls.
@@ -66,10 +79,6 @@ class ImageReader:
         self._writer.start()
         self._reader.start()
 
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
     def _write(self, w: int) -> None:
         try:
             self._export.write_to(w)
@@ -81,54 +90,82 @@ class ImageReader:
 
     def _read(self, r: int) -> None:
         try:
-            while not self._abandoned.is_set():
-                raw = _read_full(r, CHUNK_BYTES)
-                self._hash.update(raw)
-                self.total_bytes += len(raw)
-                if not self._put(raw) or not raw:
+            while (buf := _take(self._free, self._abandoned)) is not None:
+                size = _read_full(r, buf)
+                with memoryview(buf)[:size] as raw:
+                    self.crc32 = zlib.crc32(raw, self.crc32)
+                self.total_bytes += size
+                try:
+                    pending = self._pool.submit(self._compress, buf, size, self.crc32)
+                except RuntimeError:  # abandoned meanwhile: the pool is shut down
+                    return
+                if not _put(self._chunks, pending, self._abandoned) or not size:
                     return
         finally:
             os.close(r)
 
-    def _put(self, raw: bytes) -> bool:
-        while not self._abandoned.is_set():
-            try:
-                self._chunks.put(raw, timeout=POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _compress(self, buf: bytearray, size: int, crc: int) -> RawChunk:
+        try:
+            if not size:
+                return RawChunk(0, 0, b"")
+            with memoryview(buf)[:size] as raw:
+                return RawChunk(size, crc, compress(raw, self.codec, self._level))
+        finally:
+            self._free.put(buf)
 
     def next_chunk(self) -> RawChunk:
-        """Take and compress the next chunk (blocking: call it on a worker thread)."""
-        while not self._abandoned.is_set():
-            try:
-                raw = self._chunks.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            if not raw:
-                return RawChunk(0, 0, b"")
-            payload, crc = compress_checked(raw, self.codec, self._level)
-            return RawChunk(len(raw), crc, payload)
-        return RawChunk(0, 0, b"")
+        """The next chunk, compressed (blocking: call it on a worker thread)."""
+        pending = _take(self._chunks, self._abandoned)
+        try:
+            return RawChunk(0, 0, b"") if pending is None else pending.result()
+        except CancelledError:  # abandoned meanwhile
+            return RawChunk(0, 0, b"")
 
     def finish(self) -> None:
         """After the last (empty) chunk: wait for the export thread; raise what it raised."""
         self._writer.join()
         self._reader.join()
+        self._pool.shutdown()
         if self.error is not None:
             raise self.error
 
     def abandon(self) -> None:
         """Stop: the export ends on the closed pipe and releases its snapshot. Idempotent."""
         self._abandoned.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read_full(fd: int, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        data = os.read(fd, size - len(buf))
-        if not data:
-            break
-        buf += data
-    return bytes(buf)
+T = TypeVar("T")
+
+
+def _take(source: queue.Queue[T], abandoned: threading.Event) -> T | None:
+    """The next item; None once abandoned."""
+    while not abandoned.is_set():
+        try:
+            return source.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+    return None
+
+
+def _put(target: queue.Queue[T], item: T, abandoned: threading.Event) -> bool:
+    """False if abandoned before there was room."""
+    while not abandoned.is_set():
+        try:
+            target.put(item, timeout=POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read_full(fd: int, buf: bytearray) -> int:
+    """Fill `buf` from `fd` in place; how many bytes it holds (fewer only at the end)."""
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf):
+            n = os.readv(fd, [view[got:]])
+            if not n:
+                break
+            got += n
+    return got

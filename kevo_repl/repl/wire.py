@@ -48,5 +48,5 @@ def chunk_of(message: rpb.SnapshotChunk) -> Chunk:
         message.payload,
         message.last,
         message.total_bytes,
-        message.sha256,
+        message.image_crc32,
     )
