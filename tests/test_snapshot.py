@@ -7,7 +7,9 @@ same paths with real processes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -353,7 +355,7 @@ def _messages(image: bytes, size: int) -> list[rpb.SnapshotChunk]:
                 snapshot_sequence=c.snapshot_seq,
                 codec=wire_codec(Codec(c.codec)),
                 raw_length=c.raw_len,
-                crc32=c.crc32,
+                running_crc32=c.crc32,
                 payload=c.payload,
                 last=c.last,
                 total_bytes=c.total_bytes,
@@ -363,6 +365,16 @@ def _messages(image: bytes, size: int) -> list[rpb.SnapshotChunk]:
     out[0].history = History.new().to_json()
     out[0].store_format = "lmdb"
     return out
+
+
+async def _fetch_from_fake(image: bytes, data_dir: Path) -> int:
+    stub = _FakeStub(_messages(image, 8192))
+    return await fetch_snapshot(
+        stub,  # type: ignore[arg-type]
+        rpb.SnapshotRequest(),
+        str(data_dir),
+        lambda a, b: None,
+    )
 
 
 def test_a_bad_chunk_mid_stream_fails_the_fetch_and_the_next_one_starts_clean(
@@ -410,16 +422,28 @@ def test_the_image_is_flushed_while_it_arrives(
     monkeypatch.setattr(fsutil, "fsync_fd", counting)
     monkeypatch.setattr(bootstrap, "FLUSH_BYTES", 32 * 1024)
     image = os.urandom(400_000)
-    asyncio.run(
-        fetch_snapshot(
-            _FakeStub(_messages(image, 8192)),  # type: ignore[arg-type]
-            rpb.SnapshotRequest(),
-            str(tmp_path),
-            lambda a, b: None,
-        )
-    )
+    asyncio.run(_fetch_from_fake(image, tmp_path))
     assert len(synced) >= 3  # some while it arrived (at most one at a time), then the last one
     assert (tmp_path / READY_DIR / "store" / "data.mdb").read_bytes() == image
+
+
+def test_a_failed_background_flush_fails_the_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last background flush may still run when the last chunk is written; its error must
+    fail the fetch: Linux reports a writeback error once per file, so the final fsync would
+    succeed and an image that never reached the disk would be committed."""
+
+    def fails(fd: int) -> None:
+        time.sleep(0.2)  # still running when the last chunk is written
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(bootstrap, "_flush", fails)
+    image = os.urandom(40_000)  # 8192-byte chunks: the one flush starts as the last is written
+    monkeypatch.setattr(bootstrap, "FLUSH_BYTES", len(image))
+    with pytest.raises(BootstrapError, match="Input/output error"):
+        asyncio.run(_fetch_from_fake(image, tmp_path))
+    assert not (tmp_path / READY_DIR).exists()
 
 
 def test_the_primary_reads_an_image_of_many_chunks_through_its_fixed_buffers(

@@ -278,12 +278,11 @@ class SnapshotRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., accepted_codecs: _Optional[_Iterable[_Union[CompressionCodec, str]]] = ..., client_address: _Optional[str] = ..., store_format: _Optional[str] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("index", "snapshot_sequence", "codec", "raw_length", "crc32", "payload", "history", "store_format", "size_estimate", "last", "total_bytes", "image_crc32")
+    __slots__ = ("index", "snapshot_sequence", "codec", "raw_length", "payload", "history", "store_format", "size_estimate", "last", "total_bytes", "image_crc32", "running_crc32")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     RAW_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     STORE_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -291,11 +290,11 @@ class SnapshotChunk(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGE_CRC32_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_CRC32_FIELD_NUMBER: _ClassVar[int]
     index: int
     snapshot_sequence: int
     codec: CompressionCodec
     raw_length: int
-    crc32: int
     payload: bytes
     history: str
     store_format: str
@@ -303,7 +302,8 @@ class SnapshotChunk(_message.Message):
     last: bool
     total_bytes: int
     image_crc32: int
-    def __init__(self, index: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., crc32: _Optional[int] = ..., payload: _Optional[bytes] = ..., history: _Optional[str] = ..., store_format: _Optional[str] = ..., size_estimate: _Optional[int] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., image_crc32: _Optional[int] = ...) -> None: ...
+    running_crc32: int
+    def __init__(self, index: _Optional[int] = ..., snapshot_sequence: _Optional[int] = ..., codec: _Optional[_Union[CompressionCodec, str]] = ..., raw_length: _Optional[int] = ..., payload: _Optional[bytes] = ..., history: _Optional[str] = ..., store_format: _Optional[str] = ..., size_estimate: _Optional[int] = ..., last: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., image_crc32: _Optional[int] = ..., running_crc32: _Optional[int] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
     __slots__ = ()

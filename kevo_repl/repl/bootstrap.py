@@ -25,7 +25,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -169,15 +169,20 @@ class _Pipeline:
     async def drain(self, keep: int) -> None:
         """Hand decoded chunks to the writer, in order, until `keep` are left decoding."""
         while len(self._decoding) > keep:
-            chunk, decoding = self._decoding.popleft()
+            chunk, decoding = self._decoding[0]  # left in place until settled: quiesce sees it
             raw = await _settle(decoding)
+            self._decoding.popleft()
             await self._wrote()
             args = (self._receiver, chunk, raw, self._fd, self._path)
             self._writing = asyncio.ensure_future(asyncio.to_thread(_write_chunk, *args))
 
     async def finish(self) -> None:
+        """Every chunk written; raises what the last background flush raised (an fsync error
+        is reported once per file: the final fsync would not see it again)."""
         await self.drain(0)
         await self._wrote()
+        if self._flusher.running is not None:
+            await _settle(self._flusher.running)
 
     async def _wrote(self) -> None:
         if self._writing is not None:
@@ -188,10 +193,11 @@ class _Pipeline:
     async def quiesce(self) -> None:
         """Failing or cancelled: every thread touching the fd ends before the fd does. Their
         own errors are retrieved: the error already on its way is the one reported."""
-        for _, decoding in self._decoding:
-            await _quiesce(decoding)
-        await _quiesce(self._writing)
-        await _quiesce(self._flusher.running)
+        work: list[asyncio.Future[Any] | None] = [d for _, d in self._decoding]
+        work += [self._writing, self._flusher.running]
+        cancelled = [await _quiesce(w) for w in work if w is not None]
+        if any(cancelled):
+            raise asyncio.CancelledError
 
 
 async def _settle(work: asyncio.Future[T]) -> T:
@@ -200,8 +206,20 @@ async def _settle(work: asyncio.Future[T]) -> T:
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
-        await asyncio.wait((work,))
+        await _until_done(work)
         raise
+
+
+async def _until_done(work: asyncio.Future[T]) -> bool:
+    """Wait for `work` to end even if cancelled again meanwhile (a thread cannot be stopped,
+    and the fd it uses must outlive it); whether a cancellation arrived, to re-raise it."""
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait((work,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
 class _Flusher:
@@ -222,14 +240,20 @@ class _Flusher:
             self.running.result()
         if size - self._flushed_to >= FLUSH_BYTES:
             self._flushed_to = size
-            self.running = asyncio.ensure_future(asyncio.to_thread(fsutil.fsync_fd, self._fd))
+            self.running = asyncio.ensure_future(asyncio.to_thread(_flush, self._fd))
 
 
-async def _quiesce(work: asyncio.Future[T] | None) -> None:
-    if work is not None:
-        await asyncio.wait((work,))
-        if not work.cancelled():
-            work.exception()
+def _flush(fd: int) -> None:
+    fsutil.fsync_fd(fd)  # the one fsync path; a name of its own, for tests to fail it
+
+
+async def _quiesce(work: asyncio.Future[T]) -> bool:
+    """`_until_done`, and the work's own error retrieved (the error already on its way is the
+    one reported)."""
+    cancelled = await _until_done(work)
+    if not work.cancelled():
+        work.exception()
+    return cancelled
 
 
 def _report(receiver: SnapshotReceiver, estimate: int, progress: Progress) -> None:

@@ -584,7 +584,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                 snapshot_sequence=boot.snapshot_seq,
                 codec=wire_codec(image.codec),
                 raw_length=chunk.raw_len,
-                crc32=chunk.crc32,
+                running_crc32=chunk.crc32,
                 payload=chunk.payload,
             )
             if index == 0:

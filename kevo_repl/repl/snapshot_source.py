@@ -11,9 +11,11 @@ Three stages run at once, so the slowest sets the pace rather than their sum:
   queueing the pending results in order, at most `QUEUE_CHUNKS`;
 * `ImageReader.next_chunk` (on a worker thread) waits for the oldest result.
 
-The pipe and the buffers are the bound: the export stalls while the stream is behind, so the
-primary holds `BUFFERS` raw chunks and `QUEUE_CHUNKS` compressed ones at most, and nothing is
-written to its disk.
+The pipe and the buffers are the bound: the export stalls while the stream is behind, and
+nothing is written to the primary's disk. Per stream it holds at most `BUFFERS` raw chunks
+(made as needed, then reused) and `QUEUE_CHUNKS` + 3 compressed ones (queued, one the reader
+waits to queue, one `next_chunk` returned, one gRPC is sending): with codec NONE, 9 chunks
+of 4 MiB.
 
 Stopping early (the replica went away): `abandon` sets a flag; the reader thread sees it within
 `POLL_S`, closes the pipe (the export then fails on it and releases its snapshot) and ends, and
@@ -37,7 +39,7 @@ from kevo_repl.repl.snapshot import CHUNK_BYTES
 from kevo_repl.store.base import StoreExport
 
 PIPE_BYTES = 1024 * 1024  # Linux's default pipe-max-size
-QUEUE_CHUNKS = 3
+QUEUE_CHUNKS = 2
 COMPRESS_THREADS = 2
 BUFFERS = QUEUE_CHUNKS + COMPRESS_THREADS  # raw chunks: being read, queued or compressed
 POLL_S = 0.1
@@ -62,8 +64,7 @@ class ImageReader:
         self._chunks: queue.Queue[Future[RawChunk]] = queue.Queue(QUEUE_CHUNKS)
         self._pool = ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="snapshot-compress")
         self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(BUFFERS):
-            self._free.put(bytearray(CHUNK_BYTES))
+        self._buffers = 0  # made so far, up to BUFFERS
         r, w = os.pipe()
         # 64 KiB by default; more lets the export run ahead. Over pipe-max-size an unprivileged
         # process gets EPERM: the default size only costs more system calls.
@@ -90,7 +91,7 @@ class ImageReader:
 
     def _read(self, r: int) -> None:
         try:
-            while (buf := _take(self._free, self._abandoned)) is not None:
+            while (buf := self._buffer()) is not None:
                 size = _read_full(r, buf)
                 with memoryview(buf)[:size] as raw:
                     self.crc32 = zlib.crc32(raw, self.crc32)
@@ -103,6 +104,13 @@ class ImageReader:
                     return
         finally:
             os.close(r)
+
+    def _buffer(self) -> bytearray | None:
+        """A free buffer (a new one while fewer than BUFFERS exist); None once abandoned."""
+        if self._free.empty() and self._buffers < BUFFERS:
+            self._buffers += 1
+            return bytearray(CHUNK_BYTES)
+        return _take(self._free, self._abandoned)
 
     def _compress(self, buf: bytearray, size: int, crc: int) -> RawChunk:
         try:

@@ -44,7 +44,7 @@ def chunk_of(message: rpb.SnapshotChunk) -> Chunk:
         message.snapshot_sequence,
         message.codec,
         message.raw_length,
-        message.crc32,
+        message.running_crc32,
         message.payload,
         message.last,
         message.total_bytes,
