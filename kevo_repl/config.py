@@ -29,7 +29,7 @@ class NodeConfig:
     store_sync: bool = False  # fsync the store on every transaction instead of at checkpoints
     grace_s: float = 5.0  # how long in-flight RPCs may finish at shutdown
     role: str = "standalone"  # standalone | primary | replica
-    primary: str = ""  # replica: the primary's HOST:PORT (its node port)
+    primary: str = ""  # replica: the primary's replication HOST:PORT (its node port by default)
     advertise: str = ""  # the KevoService address clients should use (default: listen)
     replication_listen: str = ""  # serve replication on this HOST:PORT instead of `listen`
     replication_window_bytes: int = 16 * 1024 * 1024  # primary: newest WAL kept in memory

@@ -7,6 +7,7 @@ so other threads keep running while the disk works.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -38,6 +39,16 @@ def fsync_dir(path: str) -> None:
         fsync_fd(fd)
     finally:
         os.close(fd)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate disk blocks for the file's first `size` bytes (its length grows to at least
+    `size`); OSError ENOSPC on a full disk. A file system without fallocate is left sparse."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

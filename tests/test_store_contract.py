@@ -6,6 +6,7 @@ closing and reopening the same directory must bring the state back.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kevo_repl import fsutil
 from kevo_repl.errors import InvalidArgumentError
 from kevo_repl.store import (
     MAX_KEY_BYTES,
@@ -31,7 +33,7 @@ from kevo_repl.store import (
     StoreLockedError,
 )
 from kevo_repl.store.base import StoreExport
-from kevo_repl.store.lmdb_store import IMAGE_FILE
+from kevo_repl.store.lmdb_store import IMAGE_FILE, RESERVE_BYTES
 from kevo_repl.store.memory import load_image
 from kevo_repl.wal.codec import MAX_SEQ, Entry, Op
 
@@ -564,3 +566,37 @@ def test_lmdb_checkpoint_does_not_stall_applies(tmp_path: Path) -> None:
     assert store.durable_seq() == 1 and store.applied_seq() == 2
     store._env = real_env
     store.close()
+
+
+# ------------------------------------------------------------------------------ LMDB on a full disk
+
+
+def test_lmdb_reserves_disk_blocks_ahead_of_its_pages(tmp_path: Path) -> None:
+    """Writes through the map into a sparse file would meet a full disk as SIGBUS; the store
+    allocates the blocks ahead of its last page first."""
+    store = LmdbStore.open(str(tmp_path), map_size_bytes=TEST_MAP_SIZE_BYTES)
+    try:
+        store.apply([Entry(1, Op.PUT, b"k", b"v" * 1000)], 1)
+        allocated = os.stat(tmp_path / IMAGE_FILE).st_blocks * 512
+        assert allocated >= RESERVE_BYTES
+    finally:
+        store.close()
+
+
+def test_lmdb_on_a_full_disk_refuses_the_write_and_keeps_its_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LmdbStore.open(str(tmp_path), map_size_bytes=TEST_MAP_SIZE_BYTES)
+    try:
+        store.apply([Entry(1, Op.PUT, b"a", b"1")], 1)
+
+        def full(fd: int, size: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(fsutil, "reserve", full)
+        big = [Entry(2, Op.PUT, b"b", b"x" * (RESERVE_BYTES // 2))]
+        with pytest.raises(StoreError, match=r"data\.mdb: cannot reserve .*No space left"):
+            store.apply(big, 2)
+        assert store.applied_seq() == 1 and store.get(b"b") is None
+    finally:
+        store.close()

@@ -44,6 +44,7 @@ from kevo_repl.wal.codec import Entry, Op
 
 # Address space, not disk: data.mdb is a sparse file whose used pages alone take disk space.
 DEFAULT_MAP_SIZE_BYTES = 64 * 1024**3
+RESERVE_BYTES = 32 * 1024**2  # disk blocks allocated ahead of the store's last page
 _APPLIED_KEY = b"applied_seq"
 _U64 = struct.Struct("<Q")
 
@@ -68,6 +69,9 @@ class LmdbStore:
         self._closed = False
         self._applied = self._read_applied()
         self._durable = 0
+        self._page_bytes = int(env.stat()["psize"])
+        self._reserved = 0  # bytes of the data file known to have disk blocks
+        self._data_file_fd = os.open(os.path.join(path, IMAGE_FILE), os.O_RDWR)
 
     @classmethod
     def open(
@@ -117,12 +121,40 @@ class LmdbStore:
             todo = pending_entries(entries, self._applied, applied_seq)
             if not todo and applied_seq == self._applied:
                 return  # a pure replay: nothing to write
+            self._reserve(todo)
             with self._env.begin(write=True, db=self._data) as txn:
                 _write_entries(txn, todo)
                 txn.put(_APPLIED_KEY, _U64.pack(applied_seq), db=self._meta)
             self._applied = applied_seq
             if self._sync_each_txn:
                 self._durable = applied_seq
+
+    def _reserve(self, entries: Sequence[Entry]) -> None:
+        """Make sure the file has disk blocks for the pages a write may add at its end.
+
+        With writemap, LMDB writes new pages through the map into a sparse file; on a full
+        disk the kernel can only answer that with SIGBUS, which kills the node with no word
+        said. So the file's blocks are allocated (fallocate) `RESERVE_BYTES` ahead of its last
+        page, and a full disk is an ENOSPC here, a StoreError naming the file, before any page
+        is touched.
+        """
+        info = self._env.info()
+        used = (info["last_pgno"] + 1) * self._page_bytes
+        need = used + RESERVE_BYTES + 4 * sum(len(e[2]) + len(e[3]) for e in entries)
+        if need <= self._reserved:
+            return
+        # then again only after RESERVE_BYTES more growth; never past the map (LMDB's own
+        # map-full error covers that)
+        target = min(need + RESERVE_BYTES, info["map_size"])
+        if target <= self._reserved:
+            return
+        try:
+            fsutil.reserve(self._data_file_fd, target)
+        except OSError as err:
+            raise StoreError(
+                f"{self._path}/{IMAGE_FILE}: cannot reserve disk space for writes: {err.strerror}"
+            ) from err
+        self._reserved = target
 
     def get(self, key: bytes) -> bytes | None:
         check_key(key)
@@ -199,6 +231,7 @@ class LmdbStore:
             raise StoreError(f"{self._path}: sync at close failed: {e}") from e
         finally:
             self._env.close()
+            os.close(self._data_file_fd)
             os.close(self._lock_fd)  # closing the descriptor drops the flock
 
     def __enter__(self) -> LmdbStore:
@@ -218,7 +251,7 @@ class LmdbStore:
         try:
             yield
         except lmdb.MapFullError as e:
-            raise StoreError(f"{self._path}: store is full (raise map_size_bytes): {e}") from e
+            raise StoreError(f"{self._path}: store is full (its LMDB map is used up): {e}") from e
         except lmdb.Error as e:
             raise StoreError(f"{self._path}: LMDB error: {e}") from e
         finally:
