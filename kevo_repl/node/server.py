@@ -23,6 +23,7 @@ from kevo_repl.config import NodeConfig, replication_codecs
 from kevo_repl.datadir import PROMOTED
 from kevo_repl.errors import KevoReplError, ListenError
 from kevo_repl.node.engine import Engine, WalOpener
+from kevo_repl.node.interceptors import BadRequestInterceptor
 from kevo_repl.node.promotion import Promotion, ReplicationDispatch
 from kevo_repl.node.service import Counters, KevoService, Role
 from kevo_repl.node.transactions import TxRegistry
@@ -254,11 +255,15 @@ async def _serve_locked(config: NodeConfig, stop: asyncio.Event) -> None:
         log.info("stopped; WAL flushed and store checkpointed at %d", engine.wal.durable_seq)
 
 
+def _grpc_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[BadRequestInterceptor()])
+
+
 async def _serve_engine(config: NodeConfig, engine: Engine, stop: asyncio.Event) -> None:
     counters = Counters()
     registry = TxRegistry(time.monotonic)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    repl_server = grpc.aio.server(options=SERVER_OPTIONS) if config.replication_listen else server
+    server = _grpc_server()
+    repl_server = _grpc_server() if config.replication_listen else server
     servers = (server, repl_server)
     role, promotion = _roles(config, engine, servers, config.advertise or config.listen)
     servicer = KevoService(engine, registry, counters, role)

@@ -51,10 +51,15 @@ class History:
     @classmethod
     def from_json(cls, text: str) -> History:
         """Raises ValueError for anything but a well-formed history."""
-        obj = json.loads(text)
-        if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
-            raise ValueError("not a history (unknown version)")
-        entries = tuple((str(i), int(s)) for i, s in obj["entries"])
+        try:
+            obj = json.loads(text)
+            if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
+                raise ValueError("not a history (unknown version)")
+            entries = tuple((str(i), int(s)) for i, s in obj["entries"])
+        except (KeyError, TypeError, OverflowError, RecursionError) as err:
+            # OverflowError: a start of Infinity; RecursionError: JSON nested too deep. The text
+            # comes from a peer or a file: every way it can be wrong is the one ValueError.
+            raise ValueError(f"not a history: {type(err).__name__}: {err}") from None
         starts = [s for _, s in entries]
         if not entries or starts[0] != 1 or starts != sorted(set(starts)):
             raise ValueError(f"history entries out of order: {entries!r}")

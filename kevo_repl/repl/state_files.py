@@ -34,7 +34,9 @@ def read_state(path: str, parse: Callable[[bytes], T], what: str) -> T | None:
         return parse(data)
     except json.JSONDecodeError as err:
         raise StateFileError(path, err.pos, f"not valid JSON: {err.msg}") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as err:  # UnicodeError included
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        # ValueError includes UnicodeError; OverflowError: a number too large (1e400 -> inf,
+        # then int()); RecursionError: JSON nested too deep
         raise StateFileError(path, 0, f"not {what}: {err}") from None
 
 

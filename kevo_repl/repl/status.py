@@ -52,6 +52,29 @@ class NoSlots(rpb_grpc.WALReplicationServiceServicer):
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, not_promotable(self.role))
         raise AssertionError("abort raises")
 
+    # Nothing streams from a replica (no cascading) or a standalone node: a refusal that says
+    # so, rather than the generated servicer's UNIMPLEMENTED and a traceback in the log.
+    async def StreamWAL(
+        self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rpb.WALStreamResponse]:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
+        yield rpb.WALStreamResponse()  # never reached: abort raises
+
+    async def Acknowledge(
+        self, request: rpb.Ack, context: grpc.aio.ServicerContext
+    ) -> rpb.AckResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
+        raise AssertionError("abort raises")
+
+    async def NegativeAcknowledge(
+        self, request: rpb.Nack, context: grpc.aio.ServicerContext
+    ) -> rpb.NackResponse:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
+        raise AssertionError("abort raises")
+
+    def _not_a_primary(self) -> str:
+        return f"only a primary streams its WAL; this node is a {self.role} node"
+
     def _no_slots(self) -> str:
         return f"only a primary has replication slots; this node is a {self.role} node"
 
