@@ -8,8 +8,8 @@ when, for how long, on whom) comes from one `random.Random(seed)`, so a seed rep
 schedule; the processes' own timing still varies from run to run.
 
 Topology: the primary P takes writes with sync mode immediate; replica R1 follows it through
-proxy X1, replica R2 through proxy X2. R2's data directory is on a small tmpfs of its own when
-the harness may mount one (root), so that its disk can fill up.
+proxy X1, replica R2 through proxy X2. R2's data directory is on a tmpfs of its own, sized to
+the run, when the harness may mount one (root), so that its disk can fill up.
 
 Faults (see `FAULTS`): SIGKILL of P, R1 or R2 at a random moment, each restarted after a
 random pause, some with the start of a record left at the end of their last WAL segment first
@@ -58,7 +58,8 @@ RSS_BOUND_BYTES = 400 * 1024 * 1024
 SEGMENT_BYTES = 1024 * 1024
 SLOT_KEEP_BYTES = 1024 * 1024  # small: a replica down for a few seconds is bootstrapped
 R2_WAL_RETAIN_BYTES = 4 * 1024 * 1024  # R2's disk is small; P and R1 keep their whole WAL
-TMPFS_BYTES = 96 * 1024 * 1024
+TMPFS_BASE_BYTES = 96 * 1024 * 1024  # R2's disk: room for its WAL and the store's reserve...
+TMPFS_BYTES_PER_S = 1024 * 1024  # ...and what the load adds (~2,000 entries/s of ~150 bytes)
 WRITE_BATCH = 20
 WRITE_PAUSE_S = 0.01  # ~2,000 entries/s
 CONVERGE_TIMEOUT_S = 120.0
@@ -168,7 +169,7 @@ class Cluster:
         return {"P": self.primary, **self.replicas}
 
 
-def start_cluster(root: Path) -> Cluster:
+def start_cluster(root: Path, seconds: float) -> Cluster:
     common = ["--segment-bytes", str(SEGMENT_BYTES), "--log-level", "info"]
     p_port = free_port()
     primary = NodeProcess(
@@ -182,7 +183,7 @@ def start_cluster(root: Path) -> Cluster:
         str(SLOT_KEEP_BYTES),
         *common,
     )
-    tmpfs = _mount_tmpfs(root / "R2")
+    tmpfs = _mount_tmpfs(root / "R2", TMPFS_BASE_BYTES + int(seconds * TMPFS_BYTES_PER_S))
     proxies = {name: Proxy(p_port) for name in ("R1", "R2")}
     replicas = {
         name: NodeProcess(
@@ -200,12 +201,12 @@ def start_cluster(root: Path) -> Cluster:
     return Cluster(root, primary, replicas, proxies, tmpfs)
 
 
-def _mount_tmpfs(path: Path) -> Path | None:
+def _mount_tmpfs(path: Path, size: int) -> Path | None:
     path.mkdir(parents=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return None
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
         capture_output=True,
         check=False,
     )
@@ -296,8 +297,12 @@ def _kill(name: str) -> Callable[[Cluster, random.Random], str]:
             _tear_wal_tail(Path(node.data_dir) / "wal", rng)
         pause = rng.uniform(0.1, 4.0 if name != "P" else 1.5)
         time.sleep(pause)
-        node.start()
-        return f"SIGKILL {name}, {'torn WAL tail, ' if torn else ''}restarted after {pause:.1f} s"
+        what = f"SIGKILL {name}, {'torn WAL tail, ' if torn else ''}restarted after {pause:.1f} s"
+        try:
+            node.start()
+        except NodeError as err:  # `supervise` tries again, and reports an unexpected exit
+            return f"{what}: it did not start ({str(err).strip().splitlines()[-1][:120]})"
+        return what
 
     return fault
 
@@ -403,7 +408,7 @@ class Report:
     def lines(self) -> Iterator[str]:
         yield f"seed {self.seed}: {len(self.faults)} faults, {self.acked} writes acknowledged"
         yield f"  ({self.failed_batches} batches refused or lost while the primary was down)"
-        yield f"  converged {self.converge_s:.1f} s after the faults stopped"
+        yield f"  checks done {self.converge_s:.1f} s after the faults stopped (convergence in it)"
         peaks = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in sorted(self.peak_rss.items()))
         yield f"  peak RSS: {peaks} (bound {RSS_BOUND_BYTES / 2**20:.0f} MiB)"
         yield from (
@@ -414,7 +419,7 @@ class Report:
 def run(seed: int, seconds: float, root: Path, log: Callable[[str], None] = print) -> Report:
     rng = random.Random(seed)
     log(f"fault run: seed {seed}, {seconds:.0f} s of faults, in {root}")
-    cluster = start_cluster(root)
+    cluster = start_cluster(root, seconds)
     writer = Writer(cluster.primary.address)
     sampler = MemorySampler(cluster.nodes)
     threads = [threading.Thread(target=w.run, daemon=True) for w in (writer, sampler)]

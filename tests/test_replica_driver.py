@@ -7,6 +7,7 @@ re-request from the right sequence, and never in a wrong store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -240,3 +241,50 @@ def test_waiting_frames_merge_until_anything_else(
         assert len(capped.parts) == 2 and queue.qsize() == 1  # 10 entries reached: stop
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_silent_primary_is_given_up_on_logged_and_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A primary that sends a frame and then nothing (no heartbeat) past dead_after_s: the
+    replica says so in its log and its last error (status), and connects again."""
+    units = _units(tmp_path / "source", 5)
+    primary = ScriptedPrimary([[_response(encode_frame(units, Codec.ZSTD))]])
+
+    async def scenario() -> ReplicaDriver:
+        async with _following(primary, tmp_path) as driver:
+            for _ in range(300):  # up to ~15 s
+                await asyncio.sleep(0.05)
+                if len(primary.starts) >= 2:
+                    break
+        return driver
+
+    with caplog.at_level(logging.WARNING, logger="kevo_repl.repl.replica"):
+        driver = asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kevo_repl.repl.replica"]
+    assert primary.starts[:2] == [1, 6]  # gave up, then asked again from where it was
+    assert any("dead_after_s" in w for w in warnings), warnings
+    assert "dead_after_s" in driver.last_error
+
+
+@contextlib.asynccontextmanager
+async def _following(primary: ScriptedPrimary, tmp_path: Path) -> AsyncIterator[ReplicaDriver]:
+    """A replica driver running against `primary` (served on 127.0.0.1) until the block ends."""
+    server = grpc.aio.server()
+    rpb_grpc.add_WALReplicationServiceServicer_to_server(primary, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    opener = WalOpener(str(tmp_path / "replica-wal"), WalOptions())
+    engine = Engine.open(opener, MemoryStore(), RetentionPolicy(), MAX_KEY_BYTES)
+    role = Role("replica", "127.0.0.1:2")
+    driver = ReplicaDriver(engine, f"127.0.0.1:{port}", "node-a", "127.0.0.1:2", role)
+    stop = asyncio.Event()
+    task = asyncio.create_task(driver.run(stop))
+    try:
+        yield driver
+    finally:
+        stop.set()
+        await task
+        await server.stop(None)
+        await engine.close()

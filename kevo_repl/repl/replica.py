@@ -176,17 +176,27 @@ class ReplicaDriver:
 
     # ------------------------------------------------------------------ events
 
+    def _tick(self) -> list[Action]:
+        """The core's tick; a failure it finds (a primary silent past dead_after_s) is logged
+        and shown in `status` like any other."""
+        before = self.core.state
+        actions = self.core.on_tick()
+        if before is not State.ERROR and self.core.state is State.ERROR and self.core.last_error:
+            self.last_error = self.core.last_error
+            log.warning("replication from %s: %s", self.primary, self.last_error)
+        return actions
+
     async def _next_event(self, stop: asyncio.Event) -> list[Action]:
         stream = self._stream
         if stream is None:
             await asyncio.sleep(TICK_S)
-            return self.core.on_tick()
+            return self._tick()
         item, stream.held = stream.held, None
         if item is None:
             try:
                 item = await asyncio.wait_for(stream.queue.get(), TICK_S)
             except TimeoutError:
-                return self.core.on_tick()
+                return self._tick()
         if isinstance(item, _Received):
             item = _merge_waiting(item, stream)
         if isinstance(item, BaseException):
