@@ -16,7 +16,7 @@ from typing import TextIO
 from kevo_repl.errors import CorruptionError, KevoReplError, WalLockedError
 from kevo_repl.wal.codec import Op, Unit
 from kevo_repl.wal.log import lock_directory, repair_segment
-from kevo_repl.wal.segment import Outcome, ReadEnd, SegmentReader, list_segments
+from kevo_repl.wal.segment import Outcome, ReadEnd, SegmentReader, gap_reason, list_segments
 
 EXIT_OK = 0
 EXIT_TORN = 1
@@ -83,9 +83,9 @@ def dump(path: str, from_seq: int, as_json: bool, out: TextIO) -> int:
             for entry in unit.entries:
                 if entry.seq >= from_seq:
                     out.write(_format(entry.seq, entry.op, entry.key, entry.value, batch, as_json))
-        if verdicts[-1].end.outcome is not Outcome.CLEAN:
+        if verdicts[-1].end.outcome is not Outcome.CLEAN or _first_gap(verdicts):
             break
-    return _report_problem(verdicts, files)
+    return _outcome(verdicts, files)
 
 
 def _format(seq: int, op: Op, key: bytes, value: bytes, batch: int | None, as_json: bool) -> str:
@@ -118,7 +118,30 @@ def verify(path: str, out: TextIO) -> int:
         if 0 <= v.first_seq < prev_last:
             out.write(f"{v.path}: note: sequence numbers restart below {prev_last} (Kevo-style)\n")
         prev_last = max(prev_last, v.last_seq)
-    return _report_problem(verdicts, files)
+    return _outcome(verdicts, files)
+
+
+def _outcome(verdicts: list[FileVerdict], files: list[str]) -> int:
+    """The exit code: damage inside a file first, then sequences missing between files."""
+    code = _report_problem(verdicts, files)
+    gap = _first_gap(verdicts)
+    if code == EXIT_OK and gap:
+        print(gap, file=sys.stderr)
+        return EXIT_CORRUPT
+    return code
+
+
+def _first_gap(verdicts: list[FileVerdict]) -> str:
+    """A file starting past where the files before it ended (a lower start is Kevo's restart
+    of the numbers at rotation, not damage)."""
+    prev_last = -1
+    for v in verdicts:
+        if v.units == 0:
+            continue
+        if prev_last >= 0 and v.first_seq > prev_last + 1:
+            return f"{v.path}: corruption: {gap_reason(prev_last, v.first_seq)}"
+        prev_last = max(prev_last, v.last_seq)
+    return ""
 
 
 def _report_problem(verdicts: list[FileVerdict], files: list[str]) -> int:

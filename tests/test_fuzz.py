@@ -225,13 +225,26 @@ def test_damaged_wal_reads_every_unit_before_the_damage_then_stops_cleanly(
         code, report, problems = _verify(directory)
         dump_code, dump_lines = _dump_lines(directory)
         assert dump_code == code
+        # A segment before the last cut at a unit boundary: the next one starts past where
+        # it now ends, and the sequences between are missing. (A first segment cut to nothing
+        # looks like one retention deleted; the last one cut short is an unsynced tail.)
+        gap = clean_cut and not last and len(data) < len(seg.data) and (j > 0 or len(data) > 0)
+        if gap:
+            event("cut at a unit boundary: sequences missing")
+            assert code == dump_code == walcli.EXIT_CORRUPT, problems
+            assert problems.startswith(f"{paths[j + 1]}: corruption: starts at sequence"), problems
+            with WAL.open(directory, WAL_OPTIONS) as wal:
+                read: list[Entry] = []
+                with pytest.raises(CorruptionError, match="are missing") as info:
+                    read.extend(wal.entries_from(wal.first_seq))
+                assert info.value.path == paths[j + 1] and read == before
+            return
         if clean_cut:
             event("cut at a unit boundary")
             assert code == walcli.EXIT_OK, problems
             after = _entries([u for s in segments[j + 1 :] for u in s.units])
             with WAL.open(directory, WAL_OPTIONS) as wal:
                 assert wal.recovery.torn is None
-                # (A first segment cut to nothing looks like one retention deleted.)
                 assert list(wal.entries_from(wal.first_seq)) == before + after
             return
         # verify reads up to the damage, reports it against the right file, and dump stops there.
@@ -1175,3 +1188,24 @@ def test_both_nodes_still_serve_and_replicate_after_the_fuzzing(
     assert (reply.found, reply.value) == (True, b"fine")
     for role, node in (("primary", primary), ("replica", replica_node)):
         assert _unexpected_tracebacks(node.stderr(), _LOGGED[role]) == [], node.stderr()[-5000:]
+
+
+def test_a_segment_cut_at_a_unit_boundary_is_sequences_missing_not_a_skip() -> None:
+    """Nothing inside either file shows the loss; the next segment starting past where this
+    one now ends does. Found by fuzzing: reads used to skip the missing sequences."""
+    segments = _template()
+    j = next(k for k, s in enumerate(segments[:-1]) if k > 0 and len(s.units) >= 2)
+    seg = segments[j]
+    cut = seg.unit_start(1)  # keep the first unit only
+    before = _entries([u for s in segments[:j] for u in s.units]) + _entries(seg.units[:1])
+    with tempfile.TemporaryDirectory() as directory:
+        paths = _write_log(directory, {j: seg.data[:cut]})
+        code, _, problems = _verify(directory)
+        assert code == walcli.EXIT_CORRUPT
+        assert problems.startswith(f"{paths[j + 1]}: corruption: starts at sequence"), problems
+        assert _dump_lines(directory)[0] == walcli.EXIT_CORRUPT
+        with WAL.open(directory, WAL_OPTIONS) as wal:
+            read: list[Entry] = []
+            with pytest.raises(CorruptionError, match="are missing") as info:
+                read.extend(wal.entries_from(1))
+            assert info.value.path == paths[j + 1] and read == before

@@ -270,3 +270,25 @@ def test_slots_are_bounded_like_streams(tmp_path: Path) -> None:
             assert len(sessions.keeper.table) == 2
 
     _run(tmp_path, scenario)
+
+
+def test_a_damaged_segment_ends_the_stream_with_data_loss(tmp_path: Path) -> None:
+    """Corruption in the primary's WAL is DATA_LOSS naming the file, not UNKNOWN."""
+    wal = WAL.open(str(tmp_path), WalOptions(segment_bytes_max=4096))
+    _fill(wal, 300)
+    wal.close()
+    second = sorted(p for p in tmp_path.iterdir() if p.name.endswith(".wal"))[1]
+    data = bytearray(second.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a damaged record with data after it: corruption
+    second.write_bytes(bytes(data))
+
+    async def scenario(wal: WAL) -> None:
+        async with primary(wal) as stub:
+            call = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            assert info.value.code() == grpc.StatusCode.DATA_LOSS
+            assert second.name in (info.value.details() or "")
+
+    _run(tmp_path, scenario)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from kevo_repl import failpoints
-from kevo_repl.errors import KevoReplError, SequenceCompactedError
+from kevo_repl.errors import CorruptionError, KevoReplError, SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
@@ -501,6 +501,9 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
                     str(err),
                     trailing_metadata=((REFUSAL_KEY, REFUSED_COMPACTED),),
                 )
+            except CorruptionError as err:  # the primary's own WAL is damaged: a person's job
+                log.error("cannot stream to %s: %s", session.peer, err)
+                await context.abort(grpc.StatusCode.DATA_LOSS, f"the primary's WAL: {err}")
             if not responses:  # durable but not yet readable: cannot happen, but never spin
                 await self._wait_for_more(session, durable + 1)
                 continue

@@ -54,6 +54,7 @@ from kevo_repl.wal.segment import (
     Outcome,
     ReadEnd,
     SegmentReader,
+    gap_reason,
     scan_directory,
     segment_name,
 )
@@ -867,6 +868,8 @@ class WAL:
         self, name: str, offset: int, seq: int, max_seq: int | None, raw: bool, light: bool
     ) -> Iterator[Unit]:
         fd = self._open_segment(name, seq)
+        prev_last = -1  # the last sequence of the segment before, once one was crossed
+        last_seen = -1  # of the last unit read
         try:
             while True:
                 with self._lock:
@@ -877,6 +880,10 @@ class WAL:
                 if offset < limit:
                     reader = SegmentReader(fd, offset, limit, keep_raw=raw, light=light)
                     for unit in reader:
+                        if prev_last >= 0:
+                            self._check_continues(name, prev_last, unit.first_seq)
+                            prev_last = -1
+                        last_seen = unit.last_seq
                         if seg is not None and not seg.index_complete:
                             self._index_from_reader(seg, unit.first_seq, unit.offset)
                         if max_seq is not None and unit.first_seq > max_seq:
@@ -898,10 +905,20 @@ class WAL:
                 os.close(fd)
                 fd = -1
                 name, offset = nxt, 0
+                prev_last = last_seen  # (an empty segment in between changes nothing)
                 fd = self._open_segment(name, seq)
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _check_continues(self, name: str, prev_last: int, first: int) -> None:
+        """A segment must start where the one before it ended: a later start means entries
+        are missing (a file lost or cut short), which a reader must not skip over. (A lower
+        start is a Kevo-written log, whose numbers restart at rotation.)"""
+        if first > prev_last + 1:
+            raise CorruptionError(
+                os.path.join(self.directory, name), 0, gap_reason(prev_last, first)
+            )
 
     def _open_segment(self, name: str, seq: int) -> int:
         try:

@@ -26,6 +26,15 @@ SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
 READ_CHUNK_BYTES = 1024 * 1024
 
 
+def gap_reason(prev_last: int, first: int) -> str:
+    """Why a segment starting past where the one before ended is damage: a file lost or cut
+    short at a unit boundary, which nothing inside either file shows."""
+    return (
+        f"starts at sequence {first} but the segment before ends at {prev_last}: "
+        f"sequences {prev_last + 1}..{first - 1} are missing"
+    )
+
+
 def segment_name(stamp_ns: int) -> str:
     return f"{stamp_ns:020d}.wal"
 
