@@ -194,8 +194,9 @@ def bootstrap(root: str, primary_addr: str, name: str) -> float:
             stderr=log,
         )
     try:
-        while applied_on(addr) < target:
-            time.sleep(0.02)
+        with Applied(addr) as applied:
+            while applied() < target:
+                time.sleep(0.02)
         ended = time.time()
     finally:
         stop_all([replica])
@@ -232,15 +233,33 @@ def compact(addr: str) -> None:
 
 
 def applied_on(addr: str) -> int:
-    with grpc.insecure_channel(addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+    with Applied(addr) as applied:
+        return applied()
+
+
+class Applied:
+    """A node's applied sequence, asked over one channel kept open. A poll every 20 ms over a
+    new channel each time cost 1.9 ms of CPU (bench and node together) against 0.8 ms: CPU the
+    measured nodes need on this 2-core machine."""
+
+    def __init__(self, addr: str) -> None:
+        self._channel = grpc.insecure_channel(addr)
+        self._stub = rpb_grpc.WALReplicationServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def __call__(self) -> int:
         try:
-            status = stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=10)
+            status = self._stub.GetReplicationStatus(rpb.ReplicationStatusRequest(), timeout=10)
         except grpc.RpcError as err:  # a replica switching to its snapshot: a moment's gap
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             return 0
         return int(status.applied_sequence)
+
+    def __enter__(self) -> Applied:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
 
 
 def catch_up(
@@ -258,9 +277,10 @@ def catch_up(
         os.path.join(root, "replica"), addr, "--role", "replica", "--primary", primary_addr
     )
     started = time.perf_counter()
-    before = applied_on(addr)
-    while applied_on(addr) < n:
-        time.sleep(0.02)
+    with Applied(addr) as applied:
+        before = applied()
+        while applied() < n:
+            time.sleep(0.02)
     return (n - before) / (time.perf_counter() - started), started - launched, replica, addr
 
 
