@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,25 +40,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from replication_bench import status, stop_all, value  # noqa: E402
 
 from kevo_repl.localnode import free_port, start_node  # noqa: E402
-from kevo_repl.proto import replication_pb2 as rpb  # noqa: E402
-from kevo_repl.proto import replication_pb2_grpc as rpb_grpc  # noqa: E402
 from kevo_repl.proto import service_pb2 as pb  # noqa: E402
 
 CONFIGS = (0, 1, 4)
 CLIENTS = 4
 BATCH_WRITE = "/kevo.KevoService/BatchWrite"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def value(i: int) -> bytes:
-    v = b'{"user": %d, "event": "click", "page": "/products/%d", "ts": %d}' % (
-        i % 100_000,
-        i % 977,
-        1_732_500_000 + i,
-    )
-    return v.ljust(100, b" ")
 
 
 def requests_for(client: int, count: int, batch: int) -> list[bytes]:
@@ -81,15 +70,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def status(addr: str) -> rpb.ReplicationStatus:
-    with grpc.insecure_channel(addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply: rpb.ReplicationStatus = stub.GetReplicationStatus(
-            rpb.ReplicationStatusRequest(), timeout=10
-        )
-        return reply
 
 
 @dataclass
@@ -197,18 +177,6 @@ def load(cluster: Cluster, pools: list[list[bytes]], batch: int, seconds: float)
     used = [(b - a) / elapsed for a, b in zip(cpu0, cpu1, strict=True)]
     catchup = cluster.wait_caught_up()
     return Measured(sum(counts) / elapsed, used[0], sum(used[1:]), own, catchup)
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import queue
 import shutil
 import signal
 import statistics
@@ -69,11 +70,13 @@ def value(i: int) -> bytes:
     return v.ljust(100, b" ")
 
 
-def build_wal(data_dir: str, n: int) -> None:
+def build_wal(data_dir: str, n: int, transactions: bool = True) -> None:
+    """N entries of ~100-byte JSON-like values; with `transactions`, a batch of 10 every 1,000
+    entries, else one entry per WAL unit."""
     with WAL.open(os.path.join(data_dir, "wal"), WalOptions(sync_mode=SyncMode.NONE)) as wal:
         i = 0
         while i < n:
-            if i % 1000 == 0 and i + 10 <= n:  # a transaction now and then
+            if transactions and i % 1000 == 0 and i + 10 <= n:  # a transaction now and then
                 wal.append_batch([(Op.PUT, b"tx:%09d" % (i + j), value(i + j)) for j in range(10)])
                 i += 10
             else:
@@ -151,11 +154,10 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def give_slot(primary_dir: str, replica_dir: str) -> None:
+def give_slot(primary_dir: str, replica_dir: str, node_id: str = "bench-replica") -> None:
     """A slot at sequence 1 for the replica about to start: as if it had connected before the
     primary took its N entries. The primary keeps no other WAL, so the slot is what keeps it."""
     os.makedirs(replica_dir)
-    node_id = "bench-replica"
     write_state(os.path.join(replica_dir, "NODE_ID"), node_id.encode() + b"\n")
     table = SlotTable([Slot(node_id, "", 1, time.time())])
     save_slots(os.path.join(primary_dir, "slots.json"), table)
@@ -232,6 +234,15 @@ def compact(addr: str) -> None:
         stub.Compact(pb.CompactRequest(), timeout=120)
 
 
+def status(addr: str) -> rpb.ReplicationStatus:
+    with grpc.insecure_channel(addr) as channel:
+        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply: rpb.ReplicationStatus = stub.GetReplicationStatus(
+            rpb.ReplicationStatusRequest(), timeout=10
+        )
+        return reply
+
+
 def applied_on(addr: str) -> int:
     with Applied(addr) as applied:
         return applied()
@@ -284,61 +295,60 @@ def catch_up(
     return (n - before) / (time.perf_counter() - started), started - launched, replica, addr
 
 
-def steady_state(primary: str, replica: str, seconds: float) -> tuple[float, list[float]]:
-    """BatchWrites of 100 every 5 ms; returns (entries/s achieved, lag samples in seconds)."""
-    lags: list[float] = []
-    probe_queue: list[tuple[bytes, float]] = []
-    done = threading.Event()
-    lock = threading.Lock()
+def steady_state(
+    primary: str, replica: str, seconds: float, prefix: bytes = b"live"
+) -> tuple[float, list[tuple[float, float]]]:
+    """BatchWrites of 100 every 5 ms; returns (entries/s achieved, lag samples). A sample is
+    (seconds since the start at the batch's acknowledgement, lag in seconds)."""
+    samples: list[tuple[float, float]] = []
+    probes: queue.Queue[tuple[bytes, float] | None] = queue.Queue()
+    started = time.perf_counter()
 
     def prober() -> None:
         with grpc.insecure_channel(replica) as channel:
             stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-            while not done.is_set() or probe_queue:
-                with lock:
-                    item = probe_queue.pop(0) if probe_queue else None
-                if item is None:
-                    time.sleep(0.0005)
-                    continue
+            while (item := probes.get()) is not None:
                 key, acked = item
                 # A short pause between polls: a tight loop would steal the replica's CPU
                 # and inflate the very lag it measures.
                 while not stub.Get(pb.GetRequest(key=key), timeout=10).found:
                     time.sleep(0.0002)
-                lags.append(time.perf_counter() - acked)
+                samples.append((acked - started, time.perf_counter() - acked))
 
     thread = threading.Thread(target=prober)
     thread.start()
     written = 0
-    with grpc.insecure_channel(primary) as channel:
-        stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-        started = time.perf_counter()
-        batch = 0
-        while time.perf_counter() - started < seconds:
-            ops = [
-                pb.Operation(
-                    type=pb.Operation.PUT, key=b"live:%07d:%03d" % (batch, j), value=value(j)
-                )
-                for j in range(100)
-            ]
-            stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=10)
-            acked = time.perf_counter()
-            written += 100
-            if batch % 4 == 0:  # sample a quarter of the batches
-                with lock:
-                    probe_queue.append((ops[-1].key, acked))
-            batch += 1
-            next_at = started + batch * 0.005
-            time.sleep(max(0.0, next_at - time.perf_counter()))
-        elapsed = time.perf_counter() - started
-    done.set()
-    thread.join(60)
-    return written / elapsed, lags
+    try:
+        with grpc.insecure_channel(primary) as channel:
+            stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
+            batch = 0
+            while time.perf_counter() - started < seconds:
+                ops = [
+                    pb.Operation(
+                        type=pb.Operation.PUT,
+                        key=b"%s:%07d:%03d" % (prefix, batch, j),
+                        value=value(j),
+                    )
+                    for j in range(100)
+                ]
+                stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=10)
+                acked = time.perf_counter()
+                written += 100
+                if batch % 4 == 0:  # sample a quarter of the batches
+                    probes.put((ops[-1].key, acked))
+                batch += 1
+                next_at = started + batch * 0.005
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+            elapsed = time.perf_counter() - started
+    finally:
+        probes.put(None)
+        thread.join(60)
+    return written / elapsed, samples
 
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
 
 
 def main() -> int:
@@ -368,7 +378,8 @@ def main() -> int:
         # otherwise land inside the steady-state window. Regular checkpoints still run in it.
         for addr in (primary, replica_addr):
             compact(addr)
-        achieved, lags = steady_state(primary, replica_addr, steady_s)
+        achieved, samples = steady_state(primary, replica_addr, steady_s)
+        lags = [lag for _, lag in samples]
         compact(primary)  # the replica's slot has moved on: retention trims the WAL
         wait_wal_trimmed(primary_dir)
         boots = bootstraps(root, primary_dir, primary, 1 if args.quick else 5)
@@ -395,11 +406,18 @@ class Bootstraps:
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every node (SIGCONT first: a stopped one cannot act on it); SIGKILL one that
+    has not exited after 60 s."""
     for proc in procs:
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def report(

@@ -28,7 +28,6 @@ import csv
 import datetime
 import os
 import platform
-import queue
 import re
 import shlex
 import shutil
@@ -51,16 +50,18 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
-from fanout_bench import status, stop_all, value  # noqa: E402
+from replication_bench import (  # noqa: E402
+    build_wal,
+    give_slot,
+    percentile,
+    status,
+    steady_state,
+    stop_all,
+)
 
 from kevo_repl.localnode import free_port, start_node  # noqa: E402
 from kevo_repl.proto import replication_pb2 as rpb  # noqa: E402
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc  # noqa: E402
-from kevo_repl.proto import service_pb2 as pb  # noqa: E402
-from kevo_repl.proto import service_pb2_grpc as pb_grpc  # noqa: E402
-from kevo_repl.repl.slots import Slot, SlotTable  # noqa: E402
-from kevo_repl.repl.state_files import save_slots, write_state  # noqa: E402
-from kevo_repl.wal import WAL, Op, SyncMode, WalOptions  # noqa: E402
 
 BENCHES = ("wal_bench.py", "replication_bench.py", "fanout_bench.py", "stall_bench.py")
 CODECS = ("none", "snappy", "zstd")
@@ -121,19 +122,8 @@ def lag_over_time(root: str, seconds: float) -> LagSeries:
         )
         while not [r for r in status(primary).replicas if r.state == "streaming"]:
             time.sleep(0.05)
-        probes: queue.Queue[tuple[bytes, float] | None] = queue.Queue()
         done = threading.Event()
         t0 = time.perf_counter()
-
-        def prober() -> None:
-            with grpc.insecure_channel(replica) as channel:
-                stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-                while (item := probes.get()) is not None:
-                    key, acked = item
-                    # A short pause between polls: a tight loop would steal the replica's CPU.
-                    while not stub.Get(pb.GetRequest(key=key), timeout=10).found:
-                        time.sleep(0.0002)
-                    out.probes.append((acked - t0, (time.perf_counter() - acked) * 1000))
 
         def watcher() -> None:
             while not done.is_set():
@@ -142,50 +132,18 @@ def lag_over_time(root: str, seconds: float) -> LagSeries:
                     out.seen.append((time.perf_counter() - t0, r.lag_entries, r.lag_seconds))
                 done.wait(0.1)
 
-        threads = [threading.Thread(target=prober), threading.Thread(target=watcher)]
-        for t in threads:
-            t.start()
-        written = 0
-        with grpc.insecure_channel(primary) as channel:
-            stub = pb_grpc.KevoServiceStub(channel)  # type: ignore[no-untyped-call]
-            started = time.perf_counter()
-            batch = 0
-            while time.perf_counter() - started < seconds:
-                ops = [
-                    pb.Operation(
-                        type=pb.Operation.PUT, key=b"lag:%07d:%03d" % (batch, j), value=value(j)
-                    )
-                    for j in range(100)
-                ]
-                stub.BatchWrite(pb.BatchWriteRequest(operations=ops), timeout=10)
-                acked = time.perf_counter()
-                written += 100
-                if batch % 4 == 0:
-                    probes.put((ops[-1].key, acked))
-                batch += 1
-                time.sleep(max(0.0, started + batch * 0.005 - time.perf_counter()))
-            out.written_rate = written / (time.perf_counter() - started)
-        probes.put(None)
-        done.set()
-        for t in threads:
-            t.join(60)
+        thread = threading.Thread(target=watcher)
+        thread.start()
+        begun = time.perf_counter() - t0  # steady_state's samples count from its own start
+        try:
+            out.written_rate, samples = steady_state(primary, replica, seconds, prefix=b"lag")
+        finally:
+            done.set()
+            thread.join(60)
+        out.probes = [(begun + at, lag * 1000) for at, lag in samples]
     finally:
         stop_all(procs)
     return out
-
-
-def build_wal(data_dir: str, n: int) -> None:
-    """N entries of ~100-byte JSON-like values, one entry per WAL unit (as replication_bench)."""
-    with WAL.open(os.path.join(data_dir, "wal"), WalOptions(sync_mode=SyncMode.NONE)) as wal:
-        for i in range(n):
-            wal.append(Op.PUT, b"user:%09d" % (i * 7919 % n), value(i))
-
-
-def give_slot(primary_dir: str, replica_dir: str, node_id: str) -> None:
-    """A slot at sequence 1 for the replica about to start, so the primary keeps its WAL."""
-    os.makedirs(replica_dir)
-    write_state(os.path.join(replica_dir, "NODE_ID"), node_id.encode() + b"\n")
-    save_slots(os.path.join(primary_dir, "slots.json"), SlotTable([Slot(node_id, "", 1, 0.0)]))
 
 
 @dataclass
@@ -250,7 +208,7 @@ class CatchupSeries:
 def catchup_and_codecs(root: str, n: int) -> CatchupSeries:
     """A replica catching up from a slot N behind; then new replicas per codec and frame size."""
     primary_dir = os.path.join(root, "cu-p")
-    build_wal(primary_dir, n)
+    build_wal(primary_dir, n, transactions=False)
     give_slot(primary_dir, os.path.join(root, "cu-r"), "report-catchup")
     primary = f"127.0.0.1:{free_port()}"
     proc = start_node(primary_dir, primary, "--role", "primary")
@@ -277,11 +235,6 @@ def catchup_and_codecs(root: str, n: int) -> CatchupSeries:
 
 
 # -- plots -------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
 
 
 def plot_lag(lag: LagSeries, path: Path) -> None:

@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from replication_bench import status, stop_all, value  # noqa: E402
 
 from kevo_repl.localnode import free_port, start_node  # noqa: E402
 from kevo_repl.proto import replication_pb2 as rpb  # noqa: E402
@@ -74,15 +75,6 @@ BOUND_BYTES = WINDOW_BYTES + 4 * FRAME_BYTES + ALLOWANCE_BYTES
 BATCH = 1000
 WRITERS = 2
 SAMPLE_S = 0.1
-
-
-def value(i: int) -> bytes:
-    v = b'{"user": %d, "event": "click", "page": "/products/%d", "ts": %d}' % (
-        i % 100_000,
-        i % 977,
-        1_732_500_000 + i,
-    )
-    return v.ljust(100, b" ")
 
 
 def memory_of(pid: int) -> tuple[int, int, int]:
@@ -161,15 +153,6 @@ def write(addr: str, tag: str, n: int) -> float:
     return per * WRITERS / (time.perf_counter() - started)
 
 
-def status(addr: str) -> rpb.ReplicationStatus:
-    with grpc.insecure_channel(addr) as channel:
-        stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-        reply: rpb.ReplicationStatus = stub.GetReplicationStatus(
-            rpb.ReplicationStatusRequest(), timeout=10
-        )
-        return reply
-
-
 def slots(addr: str) -> rpb.SlotList:
     with grpc.insecure_channel(addr) as channel:
         stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -194,19 +177,6 @@ def wait_streaming(primary: str, timeout_s: float = 30) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("the replica is not streaming from the primary")
         time.sleep(0.05)
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def primary_flags() -> tuple[str, ...]:

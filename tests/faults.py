@@ -376,7 +376,7 @@ FAULTS = [
 EXPECTED_EXITS = ("No space left on device",)  # a node stops itself on a full disk (fail-stop)
 
 
-def supervise(cluster: Cluster, seconds: float, log: list[str], problems: list[str]) -> None:
+def supervise(cluster: Cluster, seconds: float, restarts: list[str], problems: list[str]) -> None:
     """For `seconds`, restart any node that exited by itself, as a container's restart
     policy would (server/ and docker-compose.yml run nodes that way). An exit for another
     reason than `EXPECTED_EXITS` is a problem."""
@@ -389,7 +389,8 @@ def supervise(cluster: Cluster, seconds: float, log: list[str], problems: list[s
             tail = node.stderr()[-3000:]
             if not any(reason in tail for reason in EXPECTED_EXITS):
                 problems.append(f"{name} exited {code} by itself:\n{tail}")
-            log.append(f"{name} exited {code} ({tail.strip().splitlines()[-1][:120]}); restarted")
+            last_line = (tail.strip().splitlines() or ["no output"])[-1][:120]
+            restarts.append(f"{name} exited {code} ({last_line}); restarted")
             with contextlib.suppress(NodeError):  # still failing: tried again next time round
                 node.start()
         time.sleep(0.1)
@@ -399,16 +400,18 @@ def supervise(cluster: Cluster, seconds: float, log: list[str], problems: list[s
 class Report:
     seed: int
     faults: list[str]
+    restarts: list[str]  # nodes that stopped by themselves, restarted by `supervise`
     acked: int
     failed_batches: int
-    converge_s: float
+    checks_s: float  # from the faults' end to the checks' end, convergence included
     peak_rss: dict[str, int]
     problems: list[str]
 
     def lines(self) -> Iterator[str]:
         yield f"seed {self.seed}: {len(self.faults)} faults, {self.acked} writes acknowledged"
         yield f"  ({self.failed_batches} batches refused or lost while the primary was down)"
-        yield f"  checks done {self.converge_s:.1f} s after the faults stopped (convergence in it)"
+        yield f"  {len(self.restarts)} nodes stopped by themselves and were restarted"
+        yield f"  checks done {self.checks_s:.1f} s after the faults stopped (convergence in it)"
         peaks = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in sorted(self.peak_rss.items()))
         yield f"  peak RSS: {peaks} (bound {RSS_BOUND_BYTES / 2**20:.0f} MiB)"
         yield from (
@@ -426,11 +429,12 @@ def run(seed: int, seconds: float, root: Path, log: Callable[[str], None] = prin
     for t in threads:
         t.start()
     done: list[str] = []
+    restarts: list[str] = []
     problems: list[str] = []
     try:
         started = time.monotonic()
         while time.monotonic() - started < seconds:
-            supervise(cluster, rng.uniform(0.3, 2.0), done, problems)
+            supervise(cluster, rng.uniform(0.3, 2.0), restarts, problems)
             fault = rng.choice(FAULTS)
             what = fault.run(cluster, rng)
             done.append(what)
@@ -440,9 +444,9 @@ def run(seed: int, seconds: float, root: Path, log: Callable[[str], None] = prin
         writer.stop.set()
         threads[0].join()
         calm = time.monotonic()
-        supervise(cluster, 1.0, done, problems)
+        supervise(cluster, 1.0, restarts, problems)
         problems += check(cluster, writer.acked)
-        converge_s = time.monotonic() - calm
+        checks_s = time.monotonic() - calm
     finally:
         writer.stop.set()
         sampler.stop.set()
@@ -452,7 +456,8 @@ def run(seed: int, seconds: float, root: Path, log: Callable[[str], None] = prin
         for name, rss in sampler.peak.items()
         if rss > RSS_BOUND_BYTES
     ]
-    return Report(seed, done, len(writer.acked), writer.failed, converge_s, sampler.peak, problems)
+    acked = len(writer.acked)
+    return Report(seed, done, restarts, acked, writer.failed, checks_s, sampler.peak, problems)
 
 
 # ------------------------------------------------------------------------------ checks

@@ -44,7 +44,7 @@ from kevo_repl.repl.progress import ProgressMeter
 from kevo_repl.repl.slots import SlotTable, encode_slots
 from kevo_repl.repl.snapshot_source import ImageReader
 from kevo_repl.repl.state_files import load_slots, write_state
-from kevo_repl.repl.status import not_promotable, store_digest
+from kevo_repl.repl.status import not_promotable, refuse, store_digest
 from kevo_repl.repl.wire import to_message, wire_codec
 from kevo_repl.store import Store
 from kevo_repl.wal import WAL, Unit
@@ -635,8 +635,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     async def Promote(
         self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> rpb.PromoteResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, not_promotable("primary"))
-        raise AssertionError("abort raises")
+        await refuse(context, not_promotable("primary"))
 
     async def _wait_for_more(self, session: Session, next_seq: int) -> bool:
         """Wait until the WAL is durable at `next_seq`; False after a quiet heartbeat interval."""
@@ -806,23 +805,21 @@ class ElsewhereService(rpb_grpc.WALReplicationServiceServicer):
     async def StreamWAL(
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.WALStreamResponse]:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        await refuse(context, self._message)
         yield rpb.WALStreamResponse()  # never reached: abort raises
 
     async def StreamSnapshot(
         self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.SnapshotChunk]:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
+        await refuse(context, self._message)
         yield rpb.SnapshotChunk()  # never reached: abort raises
 
     async def Acknowledge(
         self, request: rpb.Ack, context: grpc.aio.ServicerContext
     ) -> rpb.AckResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
-        raise AssertionError("abort raises")
+        await refuse(context, self._message)
 
     async def NegativeAcknowledge(
         self, request: rpb.Nack, context: grpc.aio.ServicerContext
     ) -> rpb.NackResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._message)
-        raise AssertionError("abort raises")
+        await refuse(context, self._message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 
@@ -28,55 +29,54 @@ class NoSlots(rpb_grpc.WALReplicationServiceServicer):
     async def ListSlots(
         self, request: rpb.ListSlotsRequest, context: grpc.aio.ServicerContext
     ) -> rpb.SlotList:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_slots())
-        raise AssertionError("abort raises")
+        await refuse(context, self._no_slots())
 
     async def DropSlot(
         self, request: rpb.DropSlotRequest, context: grpc.aio.ServicerContext
     ) -> rpb.DropSlotResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_slots())
-        raise AssertionError("abort raises")
+        await refuse(context, self._no_slots())
 
     async def StreamSnapshot(
         self, request: rpb.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.SnapshotChunk]:
-        await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"only a primary sends snapshots; this node is a {self.role} node",
-        )
+        await refuse(context, f"only a primary sends snapshots; this node is a {self.role} node")
         yield rpb.SnapshotChunk()  # never reached: abort raises
 
     async def Promote(
         self, request: rpb.PromoteRequest, context: grpc.aio.ServicerContext
     ) -> rpb.PromoteResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, not_promotable(self.role))
-        raise AssertionError("abort raises")
+        await refuse(context, not_promotable(self.role))
 
     # Nothing streams from a replica (no cascading) or a standalone node: a refusal that says
     # so, rather than the generated servicer's UNIMPLEMENTED and a traceback in the log.
     async def StreamWAL(
         self, request: rpb.WALStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[rpb.WALStreamResponse]:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
+        await refuse(context, self._not_a_primary())
         yield rpb.WALStreamResponse()  # never reached: abort raises
 
     async def Acknowledge(
         self, request: rpb.Ack, context: grpc.aio.ServicerContext
     ) -> rpb.AckResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
-        raise AssertionError("abort raises")
+        await refuse(context, self._not_a_primary())
 
     async def NegativeAcknowledge(
         self, request: rpb.Nack, context: grpc.aio.ServicerContext
     ) -> rpb.NackResponse:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._not_a_primary())
-        raise AssertionError("abort raises")
+        await refuse(context, self._not_a_primary())
 
     def _not_a_primary(self) -> str:
         return f"only a primary streams its WAL; this node is a {self.role} node"
 
     def _no_slots(self) -> str:
         return f"only a primary has replication slots; this node is a {self.role} node"
+
+
+async def refuse(context: grpc.aio.ServicerContext, message: str) -> NoReturn:
+    """End the call with FAILED_PRECONDITION and `message` (abort raises; the raise below only
+    tells type checkers so)."""
+    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+    raise AssertionError("abort raises")
 
 
 def not_promotable(role: str) -> str:

@@ -71,7 +71,7 @@ class LmdbStore:
         self._durable = 0
         self._page_bytes = int(env.stat()["psize"])
         self._reserved = 0  # bytes of the data file known to have disk blocks
-        self._data_file_fd = os.open(os.path.join(path, IMAGE_FILE), os.O_RDWR)
+        self._data_file_fd: int | None = None  # opened at the first reservation
 
     @classmethod
     def open(
@@ -149,6 +149,8 @@ class LmdbStore:
         if target <= self._reserved:
             return
         try:
+            if self._data_file_fd is None:
+                self._data_file_fd = os.open(os.path.join(self._path, IMAGE_FILE), os.O_RDWR)
             fsutil.reserve(self._data_file_fd, target)
         except OSError as err:
             raise StoreError(
@@ -231,7 +233,8 @@ class LmdbStore:
             raise StoreError(f"{self._path}: sync at close failed: {e}") from e
         finally:
             self._env.close()
-            os.close(self._data_file_fd)
+            if self._data_file_fd is not None:
+                os.close(self._data_file_fd)
             os.close(self._lock_fd)  # closing the descriptor drops the flock
 
     def __enter__(self) -> LmdbStore:
