@@ -15,6 +15,8 @@ all (the control): what the primary's memory does anyway under this load.
 What bounds the primary's memory (kevo_repl/config.py, repl/primary.py, wal/tail.py):
 * the tail window, `replication_window_bytes` (16 MiB by default), counting each unit's bytes
   plus 128 bytes of overhead; shared by all streams, evicting the oldest units as it fills;
+* the shared frames, `replication_frame_cache_bytes` (4 MiB by default) of compressed frames,
+  oldest dropped first (repl/frame_cache.py);
 * per stream, one frame being sent: at most `replication_frame_bytes` (256 KiB) of raw units
   (plus the first unit however large; a BatchWrite of 1,000 is one unit of ~130 KB), its
   compressed copy and its protobuf message, plus what gRPC queues for the stream before flow
@@ -22,14 +24,14 @@ What bounds the primary's memory (kevo_repl/config.py, repl/primary.py, wal/tail
 * the backlog is the WAL segments on disk, kept by the replica's slot (`slot_keep_bytes`, set
   here to 1 GiB, well above the ~280 MB this run writes, so the slot is not lost).
 
-The stated bound: peak RssAnon - RssAnon before the stall <= replication_window_bytes
-+ 4 x replication_frame_bytes + 16 MiB of allowance for the write path's own transient buffers
-(in-flight requests, the allocator's slack). The baseline is taken after the warm-up, with the
-tail window (a fixed cost of any primary) already partly full. RssFile is reported apart: it is
-the store's LMDB map (writemap), page cache mapped into the process, which grows with the
-store's data whether or not a replica exists; the control shows how much of VmRSS that is. The
-target also requires the stalled run's VmRSS growth to exceed the control's by no more than the
-same bound.
+The stated bound: peak RssAnon - RssAnon before the stall <= replication_window_bytes +
+replication_frame_cache_bytes + 4 x replication_frame_bytes + 16 MiB of allowance for the write
+path's own transient buffers (in-flight requests, the allocator's slack). The baseline is taken
+after the warm-up, with the tail window (a fixed cost of any primary) already partly full.
+RssFile is reported apart: it is the store's LMDB map (writemap), page cache mapped into the
+process, which grows with the store's data whether or not a replica exists; the control shows
+how much of VmRSS that is. The target also requires the stalled run's VmRSS growth to exceed the
+control's by no more than the same bound.
 
 What happens to the stopped replica's connection is printed too: gRPC sets TCP_USER_TIMEOUT on
 the primary's sockets to its keepalive timeout (10 s, node/server.py; seen with strace), so
@@ -69,9 +71,10 @@ MIB = 1024 * 1024
 MB = 1e6
 WINDOW_BYTES = 16 * MIB  # replication_window_bytes, passed explicitly (the default)
 FRAME_BYTES = 256 * 1024  # replication_frame_bytes, passed explicitly (the default)
+FRAME_CACHE_BYTES = 4 * MIB  # replication_frame_cache_bytes, passed explicitly (the default)
 SLOT_KEEP_BYTES = 1024 * MIB
 ALLOWANCE_BYTES = 16 * MIB
-BOUND_BYTES = WINDOW_BYTES + 4 * FRAME_BYTES + ALLOWANCE_BYTES
+BOUND_BYTES = WINDOW_BYTES + FRAME_CACHE_BYTES + 4 * FRAME_BYTES + ALLOWANCE_BYTES
 BATCH = 1000
 WRITERS = 2
 SAMPLE_S = 0.1
@@ -189,6 +192,8 @@ def primary_flags() -> tuple[str, ...]:
         str(WINDOW_BYTES),
         "--replication-frame-bytes",
         str(FRAME_BYTES),
+        "--replication-frame-cache-bytes",
+        str(FRAME_CACHE_BYTES),
         "--slot-keep-bytes",
         str(SLOT_KEEP_BYTES),
     )
@@ -338,6 +343,7 @@ def report(n: int, warmup: int, stalled: Run, control: Run, quick: bool) -> None
     print(
         "  primary: sync mode immediate, replication_window_bytes "
         f"{WINDOW_BYTES // MIB} MiB, replication_frame_bytes {FRAME_BYTES // 1024} KiB,"
+        f" replication_frame_cache_bytes {FRAME_CACHE_BYTES // MIB} MiB,"
     )
     print(f"  slot_keep_bytes {SLOT_KEEP_BYTES // MIB} MiB; memory sampled every {SAMPLE_S} s")
     per_entry = stalled.held_bytes / max(1, stalled.lag_entries)  # WAL bytes per entry
@@ -394,7 +400,8 @@ def report(n: int, warmup: int, stalled: Run, control: Run, quick: bool) -> None
     control_growth = control.peak[0] - control.baseline[0]
     extra = rss_growth - control_growth
     print(
-        f"bound: replication_window_bytes {mb(WINDOW_BYTES)} + 4 x replication_frame_bytes "
+        f"bound: replication_window_bytes {mb(WINDOW_BYTES)} + replication_frame_cache_bytes "
+        f"{mb(FRAME_CACHE_BYTES)} + 4 x replication_frame_bytes "
         f"{mb(4 * FRAME_BYTES)} + write-path allowance {mb(ALLOWANCE_BYTES)} = "
         f"{mb(BOUND_BYTES)}"
     )

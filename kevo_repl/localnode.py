@@ -36,14 +36,25 @@ _READY_OPTIONS = [
 
 
 def start_node(
-    data_dir: str, addr: str, *extra: str, timeout_s: float = 60.0, stderr: IO[bytes] | None = None
+    data_dir: str,
+    addr: str,
+    *extra: str,
+    timeout_s: float = 60.0,
+    stderr: IO[bytes] | None = None,
+    cpus: frozenset[int] | None = None,
 ) -> subprocess.Popen[bytes]:
     """`kevo-repl serve --data-dir DATA --listen ADDR EXTRA...`, returned once it accepts calls.
 
-    Its log goes to `stderr` (default: ours)."""
+    Its log goes to `stderr` (default: ours). `cpus`: the only CPUs it (and all its threads) may
+    run on, set in the child before it starts (benchmarks keep nodes off each other's cores)."""
     cmd = [sys.executable, "-m", "kevo_repl.cli", "serve", "--data-dir", data_dir, "--listen", addr]
     env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT}
-    node = subprocess.Popen([*cmd, "--log-level", "warning", *extra], env=env, stderr=stderr)
+    node = subprocess.Popen(
+        [*cmd, "--log-level", "warning", *extra],
+        env=env,
+        stderr=stderr,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+    )
     # Retry the connection every 50 ms: gRPC's default first backoff of 1 s would report the
     # node ready up to a second late (and skew timings taken from this moment).
     deadline = time.monotonic() + timeout_s

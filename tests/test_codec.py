@@ -235,3 +235,44 @@ def test_fuzz_mutated_valid_log(
     data = bytearray(encode_batch(1, batch) + encode_entry(100, Op.PUT, b"x", b"y"))
     data[where % len(data)] = byte
     test_fuzz_any_bytes_decode_or_raise_codec_error.hypothesis.inner_test(bytes(data))  # type: ignore[attr-defined]
+
+
+def _batch_ops(n: int) -> list[tuple[int, bytes, bytes]]:
+    ops = [(Op.PUT, b"k%d" % i, b"v" * (i % 50)) for i in range(n)]
+    return [*ops, (Op.DELETE, b"gone", b""), (Op.MERGE, b"m", b"+1")]
+
+
+def test_scan_unit_reads_a_header_batch_without_building_entries() -> None:
+    data = encode_batch(100, _batch_ops(40)) + encode_entry(143, Op.PUT, b"x", b"y")
+    decoded, scanned = decode_unit(data, 0, 7, keep_raw=True), scan_unit(data, 0, 7)
+    assert decoded is not None and scanned is not None
+    assert scanned.entries == () and len(decoded.entries) == 42
+    same = ("offset", "length", "form", "first_seq", "last_seq", "raw")
+    assert [getattr(scanned, f) for f in same] == [getattr(decoded, f) for f in same]
+    assert scanned.form == BatchForm.SEED_HEADER and (scanned.first_seq, scanned.last_seq) == (
+        100,
+        141,
+    )
+    assert scan_unit(data[:-20], 0) is not None  # the batch is whole; the next unit is cut
+    assert scan_unit(encode_batch(5, _batch_ops(3))[:-1], 0) is None  # the batch is cut: more
+
+
+@given(st.integers(0, 2000), st.integers(0, 255))
+@settings(max_examples=400, deadline=None)
+def test_scan_unit_refuses_a_damaged_batch_exactly_like_decode_unit(at: int, xor: int) -> None:
+    """Any byte of a header batch changed: both readers give the same unit, None or error."""
+    data = bytearray(encode_batch(100, _batch_ops(30)))
+    data[at % len(data)] ^= xor or 1
+    outcomes: list[tuple[object, ...]] = []
+    for scan in (False, True):
+        try:
+            unit = scan_unit(bytes(data), 0) if scan else decode_unit(bytes(data), 0, keep_raw=True)
+        except CodecError as err:
+            outcomes.append(("error", err.offset, err.end, err.reason))
+        else:
+            outcomes.append(
+                ("unit", None)
+                if unit is None
+                else ("unit", unit.length, unit.first_seq, unit.last_seq, unit.raw)
+            )
+    assert outcomes[0] == outcomes[1]

@@ -36,6 +36,14 @@ async def primary(wal: WAL) -> AsyncIterator[rpb_grpc.WALReplicationServiceStub]
 async def primary_with(
     wal: WAL, limits: StreamLimits
 ) -> AsyncIterator[tuple[rpb_grpc.WALReplicationServiceStub, Sessions]]:
+    async with service_with(wal, limits) as (stub, service):
+        yield stub, service.sessions
+
+
+@asynccontextmanager
+async def service_with(
+    wal: WAL, limits: StreamLimits
+) -> AsyncIterator[tuple[rpb_grpc.WALReplicationServiceStub, ReplicationService]]:
     sessions = Sessions(wal)
     sessions.attach(asyncio.get_running_loop())
     server = grpc.aio.server()
@@ -46,7 +54,7 @@ async def primary_with(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = rpb_grpc.WALReplicationServiceStub(channel)  # type: ignore[no-untyped-call]
-            yield stub, sessions
+            yield stub, service
     finally:
         await server.stop(None)
 
@@ -215,22 +223,72 @@ def test_stream_moves_from_segments_to_the_tail_window_without_gap(tmp_path: Pat
         async with primary_with(wal, LIMITS) as (stub, sessions):
             call = stub.StreamWAL(rpb.WALStreamRequest(start_sequence=1, frames=True))
             seen: list[int] = []
-            sources: list[bool] = []
+            caught_up = 0
+            sources: dict[bool, list[bool]] = {False: [], True: []}  # by phase: caught up yet?
             async for response in call:
                 if not response.HasField("frame"):
                     continue
                 seen += [e.seq for u in decode_frame(_frame(response)) for e in u.entries]
-                sources.append(sessions.all()[0].live)
+                # The flag of this frame, or of the next one if the stream built it already.
+                sources[caught_up > 0].append(sessions.all()[0].live)
                 if seen[-1] == wal.last_seq and wal.last_seq < 320:
+                    caught_up += 1
                     _fill(wal, 30, start=wal.last_seq)  # written while the replica is caught up
                 if seen[-1] >= 320 and seen[-1] == wal.last_seq:
                     break
             call.cancel()
         assert seen == list(range(1, wal.last_seq + 1))  # no gap, no duplicate
-        assert not sources[0]  # behind the window: from the segments
-        assert sources[-5:] == [True] * 5  # the live tail: from memory
+        assert not sources[False][0]  # behind the window: from the segments
+        assert caught_up >= 2 and len(sources[True]) >= caught_up
+        assert all(sources[True])  # everything written while caught up: from memory
 
     _run(tmp_path, scenario, window=8192)
+
+
+async def _frames_of(
+    stub: rpb_grpc.WALReplicationServiceStub, codec: Codec, last: int
+) -> list[Frame]:
+    request = rpb.WALStreamRequest(
+        start_sequence=1, frames=True, accepted_codecs=[wire_codec(codec)]
+    )
+    call = stub.StreamWAL(request)
+    frames: list[Frame] = []
+    async for response in call:
+        if response.HasField("frame"):
+            frames.append(_frame(response))
+            if frames[-1].last_seq >= last:
+                break
+    call.cancel()
+    return frames
+
+
+def test_streams_at_one_position_share_each_frame(tmp_path: Path) -> None:
+    """Three replicas catching up together: each frame is built once (per codec) and sent to
+    every stream at its position; the streams see the same boundaries and the same bytes."""
+
+    async def scenario(wal: WAL) -> None:
+        _fill(wal, 300)
+        async with service_with(wal, LIMITS) as (stub, service):
+            last = wal.last_seq
+            got = await asyncio.gather(
+                _frames_of(stub, Codec.ZSTD, last),
+                _frames_of(stub, Codec.ZSTD, last),
+                _frames_of(stub, Codec.SNAPPY, last),
+            )
+            cache = service.frame_cache
+        zstd_a, zstd_b, snappy = got
+        assert len(zstd_a) > 2  # 4 KiB frames: several of them
+        assert zstd_a == zstd_b  # the same frames, boundaries and payloads
+        assert all(f.codec == Codec.SNAPPY for f in snappy)  # a codec is never shared across
+        for frames in got:
+            seqs = [e.seq for f in frames for u in decode_frame(f) for e in u.entries]
+            assert seqs == list(range(1, last + 1))
+        # Built once per codec: of the two zstd streams, one built each frame and the other
+        # was sent the same one.
+        assert cache.builds == len(zstd_a) + len(snappy)
+        assert cache.hits == len(zstd_b)
+
+    _run(tmp_path, scenario)
 
 
 def test_streams_beyond_the_limit_are_refused(tmp_path: Path) -> None:

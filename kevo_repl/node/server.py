@@ -97,6 +97,7 @@ def open_engine(config: NodeConfig) -> Engine:
 def stream_limits(config: NodeConfig) -> StreamLimits:
     return StreamLimits(
         frame_bytes_max=config.replication_frame_bytes,
+        frame_cache_bytes=config.replication_frame_cache_bytes,
         linger_s=config.replication_linger_ms / 1000,
         zstd_level=config.replication_zstd_level,
         streams_max=config.max_replicas,

@@ -38,6 +38,7 @@ from kevo_repl import failpoints
 from kevo_repl.errors import CorruptionError, KevoReplError, SequenceCompactedError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
+from kevo_repl.repl.frame_cache import Built, FrameCache
 from kevo_repl.repl.frames import Codec, Frame, encode_raw_frame
 from kevo_repl.repl.history import History
 from kevo_repl.repl.progress import ProgressMeter
@@ -66,6 +67,7 @@ class StreamLimits:
     heartbeat_s: float = 1.0
     zstd_level: int = 1
     streams_max: int = 16  # concurrent streams, and slots; more are RESOURCE_EXHAUSTED
+    frame_cache_bytes: int = 4 * 1024 * 1024  # compressed frames the streams share
 
 
 @dataclass(slots=True)
@@ -270,6 +272,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self.limits = limits
         self.store = store
         self.history = history or History.new()
+        self.frame_cache = FrameCache(limits.frame_cache_bytes)
 
     async def GetReplicationStatus(
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
@@ -651,42 +654,51 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
     async def _next_responses(
         self, session: Session, next_seq: int, durable: int
     ) -> list[tuple[rpb.WALStreamResponse, int]]:
-        """One frame from the tail window if it holds `next_seq`, else from the segments."""
-        limits = self.limits
-        got = None
-        if session.frames:
-            got = self.wal.tail_take(
-                next_seq, durable, limits.frame_bytes_max, limits.frame_entries_max
-            )
-        session.live = got is not None
-        if got is None:
-            return await asyncio.to_thread(self._read, session, next_seq, durable)
-        args = (got.first_seq, got.last_seq, got.raw, session.codec, limits.zstd_level)
-        if len(got.raw) <= INLINE_COMPRESS_BYTES:
-            frame = encode_raw_frame(*args)
-        else:
-            frame = await asyncio.to_thread(encode_raw_frame, *args)
-        return [(self._frame_response(frame), frame.last_seq)]
+        """One frame from `next_seq`: shared with the other streams, else built for this one."""
+        if not session.frames:
+            return await asyncio.to_thread(self._kevo_read, next_seq, durable)
+        built = await self.frame_cache.get(
+            (next_seq, session.codec), lambda: self._build_frame(session.codec, next_seq, durable)
+        )
+        if built is None:
+            return []
+        session.live = built.live
+        return [(self._frame_response(built.frame), built.frame.last_seq)]
 
-    def _read(
-        self, session: Session, next_seq: int, durable: int
-    ) -> list[tuple[rpb.WALStreamResponse, int]]:
-        """Up to one frame (or one Kevo response) of units from the segments (worker thread).
+    async def _build_frame(self, codec: Codec, next_seq: int, durable: int) -> Built | None:
+        """A frame from the tail window if it holds `next_seq`, else from the segments."""
+        limits = self.limits
+        got = self.wal.tail_take(
+            next_seq, durable, limits.frame_bytes_max, limits.frame_entries_max
+        )
+        if got is None:
+            frame = await asyncio.to_thread(self._read_frame, codec, next_seq, durable)
+            return None if frame is None else Built(frame, live=False)
+        args = (got.first_seq, got.last_seq, got.raw, codec, limits.zstd_level)
+        if len(got.raw) <= INLINE_COMPRESS_BYTES:
+            return Built(encode_raw_frame(*args), live=True)
+        return Built(await asyncio.to_thread(encode_raw_frame, *args), live=True)
+
+    def _read_frame(self, codec: Codec, next_seq: int, durable: int) -> Frame | None:
+        """Up to one frame of units from the segments (worker thread).
 
         A frame needs only the units' bytes: they are read `light`, without building entries.
         """
-        units = take_units(
-            self.wal.units_from(next_seq, max_seq=durable, raw=True, light=session.frames),
-            self.limits,
-        )
+        units = self._take(next_seq, durable, light=True)
         if not units:
-            return []
-        if not session.frames:
-            return self._kevo_responses(units, next_seq)
+            return None
         raw = b"".join(u.raw for u in units)
         level = self.limits.zstd_level
-        frame = encode_raw_frame(units[0].first_seq, units[-1].last_seq, raw, session.codec, level)
-        return [(self._frame_response(frame), frame.last_seq)]
+        return encode_raw_frame(units[0].first_seq, units[-1].last_seq, raw, codec, level)
+
+    def _kevo_read(self, next_seq: int, durable: int) -> list[tuple[rpb.WALStreamResponse, int]]:
+        """Up to a frame's worth of entries from the segments, as Kevo responses (worker)."""
+        units = self._take(next_seq, durable, light=False)
+        return self._kevo_responses(units, next_seq) if units else []
+
+    def _take(self, next_seq: int, durable: int, *, light: bool) -> list[Unit]:
+        units = self.wal.units_from(next_seq, max_seq=durable, raw=True, light=light)
+        return take_units(units, self.limits)
 
     def _frame_response(self, frame: Frame) -> rpb.WALStreamResponse:
         response = self._heartbeat()

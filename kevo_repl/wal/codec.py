@@ -286,9 +286,10 @@ def decode_unit(buf: bytes, pos: int, base: int = 0, keep_raw: bool = False) -> 
 def scan_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
     """`decode_unit` with `keep_raw`, for a reader that ships bytes and needs no entries.
 
-    A single-entry unit comes back with empty `entries` after its CRC and lengths were checked,
-    but without building the Entry (a primary streaming its WAL spends most of its time there
-    otherwise). Other units (batches, fragments) are decoded whole.
+    A single-entry unit, or a format-A batch of unfragmented entries, comes back with empty
+    `entries` after its CRCs, sequences and lengths were checked, but without building the
+    entries (a primary streaming its WAL spends most of its time there otherwise). Other units
+    (format-B batches, fragments) are decoded whole.
     """
     if len(buf) - pos >= HEADER_SIZE:
         crc, length, rtype = _HEADER.unpack_from(buf, pos)
@@ -313,7 +314,50 @@ def scan_unit(buf: bytes, pos: int, base: int = 0) -> Unit | None:
                 raw = buf[pos:end]
                 if _crc32(raw[HEADER_SIZE:]) == crc:
                     return Unit((), base + pos, end - pos, BatchForm.SINGLE, seq, seq, raw)
+            elif op == OP_BATCH and length == _BATCH_HEAD.size:
+                unit = _scan_header_batch(buf, pos, base)
+                if unit is not None:
+                    return unit
     return decode_unit(buf, pos, base, keep_raw=True)
+
+
+def _scan_header_batch(buf: bytes, pos: int, base: int) -> Unit | None:
+    """A format-A batch (what our own BatchWrites become) checked as `_decode_seed_header_batch`
+    checks it, every record's CRC and every entry's sequence and lengths, without building the
+    entries. None when it is anything but the plain case (a fragmented entry, a record past the
+    buffer, any check failing): the caller then decodes it whole, which raises the same error
+    it always does, at the same offset.
+    """
+    n = len(buf)
+    crc, length, _ = _HEADER.unpack_from(buf, pos)
+    at = pos + HEADER_SIZE
+    nxt = at + length
+    if nxt > n or _crc32(buf[at:nxt]) != crc:
+        return None
+    op, start, count = _BATCH_HEAD.unpack_from(buf, at)
+    if op != OP_BATCH or start + count - 1 > MAX_SEQ:
+        return None
+    view = memoryview(buf)
+    for i in range(count):
+        if n - nxt < HEADER_SIZE:
+            return None
+        crc, length, rtype = _HEADER.unpack_from(buf, nxt)
+        at = nxt + HEADER_SIZE
+        nxt = at + length
+        if rtype != RECORD_FULL or nxt > n or length < ENTRY_HEADER_SIZE:
+            return None
+        eop, seq, keylen = _ENTRY_HEAD.unpack_from(buf, at)
+        kend = ENTRY_HEADER_SIZE + keylen
+        if seq != start + i or not 0 < eop < OP_BATCH or kend > length:
+            return None
+        if eop != Op.DELETE and (
+            kend + 4 > length or kend + 4 + _U32.unpack_from(buf, at + kend)[0] > length
+        ):
+            return None
+        if _crc32(view[at:nxt]) != crc or nxt - pos > MAX_UNIT_BYTES:
+            return None
+    last = start + count - 1 if count else start
+    return Unit((), base + pos, nxt - pos, BatchForm.SEED_HEADER, start, last, buf[pos:nxt])
 
 
 def _decode_unit_slow(buf: bytes, pos: int, base: int) -> Unit | None:

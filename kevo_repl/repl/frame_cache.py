@@ -1,0 +1,91 @@
+"""Frames the primary's streams share: each stretch of WAL is read and compressed once.
+
+Replicas that keep up ask for the same sequence numbers at about the same moment: every stream
+is woken by the same fsync. Without sharing, each stream joins, checksums and compresses the
+same bytes again, and with four replicas the primary spends four times the CPU on one result.
+
+A frame is keyed by the sequence it starts at and its codec (the zstd level is the primary's
+and fixed). A stream whose next sequence has a frame, finished or still being built, sends that
+one. The first stream to reach a sequence decides where its frame ends; streams behind it then
+meet the same boundaries and keep hitting the cache.
+
+Bounded by the compressed bytes of the frames it holds, oldest dropped first. A frame still
+being built is not counted: there is at most one per stream. A stream holding a frame that was
+dropped keeps it only until it has sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from kevo_repl.repl.frames import Codec, Frame
+
+Key = tuple[int, Codec]
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    frame: Frame
+    live: bool  # from the tail window (its stream is keeping up), not read from the segments
+
+
+class FrameCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Key, asyncio.Future[Built | None]] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0  # for tests and status: frames sent without building them again
+        self.builds = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: Key, build: Callable[[], Awaitable[Built | None]]) -> Built | None:
+        """The frame starting at `key`: shared if one is held or being built, else `build()`.
+
+        `build` returning None (nothing readable yet) or raising is not kept: each waiting
+        stream gets the same outcome, and the next call builds again.
+        """
+        shared = self._entries.get(key)
+        if shared is None:
+            self.builds += 1
+            shared = asyncio.ensure_future(build())
+            self._entries[key] = shared
+            shared.add_done_callback(lambda done: self._settled(key, done))
+        else:
+            self.hits += 1
+        # shield: one stream going away (its replica disconnected) must not cancel the build
+        # the other streams are waiting on.
+        return await asyncio.shield(shared)
+
+    def _settled(self, key: Key, done: asyncio.Future[Built | None]) -> None:
+        if self._entries.get(key) is not done:
+            return
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            del self._entries[key]
+            return
+        self._bytes += _size(done)
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest frames until the held bytes fit (the newest always stays).
+
+        Stops at a frame still being built: it is dropped by a later call, once it is done."""
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            key, oldest = next(iter(self._entries.items()))
+            if not oldest.done():
+                return
+            del self._entries[key]
+            self._bytes -= _size(oldest)
+
+
+def _size(done: asyncio.Future[Built | None]) -> int:
+    built = done.result()
+    return len(built.frame.payload) if built is not None else 0
