@@ -34,6 +34,7 @@ from kevo_repl.errors import KevoReplError, StateFileError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
 from kevo_repl.repl.history import History
+from kevo_repl.repl.image_file import ImageFile
 from kevo_repl.repl.snapshot import Chunk, SnapshotError, SnapshotReceiver, decode
 from kevo_repl.repl.state_files import save_history
 from kevo_repl.repl.wire import chunk_of
@@ -90,20 +91,21 @@ async def _fetch(
 ) -> tuple[int, History]:
     call = stub.StreamSnapshot(request)
     try:
-        fd = os.open(image_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        image = ImageFile(image_path)
         try:
             started = time.monotonic()
-            seq, history = await _receive(call, fd, image_path, progress)
+            seq, history = await _receive(call, image, progress)
             received = time.monotonic()
-            await _settle(asyncio.ensure_future(asyncio.to_thread(fsutil.fsync_fd, fd)))
+            await _settle(asyncio.ensure_future(asyncio.to_thread(_finish, image)))
             log.info(
-                "snapshot at %d received in %.2f s, synced in %.2f s",
+                "snapshot at %d received in %.2f s, synced in %.2f s%s",
                 seq,
                 received - started,
                 time.monotonic() - received,
+                "" if image.direct else " (written through the page cache: no O_DIRECT here)",
             )
         finally:
-            os.close(fd)
+            image.close()
     except grpc.aio.AioRpcError as err:
         detail = f"{err.code().name}: {err.details()}"
         raise BootstrapError(f"snapshot stream failed: {detail}") from None
@@ -117,13 +119,13 @@ async def _fetch(
 
 
 async def _receive(
-    call: grpc.aio.UnaryStreamCall, fd: int, path: str, progress: Progress
+    call: grpc.aio.UnaryStreamCall, image: ImageFile, progress: Progress
 ) -> tuple[int, History]:
     receiver = SnapshotReceiver()
     history: History | None = None
     estimate = 0
     iterator = call.__aiter__()
-    pipeline = _Pipeline(receiver, fd, path)
+    pipeline = _Pipeline(receiver, image)
     try:
         while True:
             try:
@@ -154,13 +156,12 @@ class _Pipeline:
     decompressing at once, then each checked (running CRC) and written in order, one at a time
     (the CRC and the file depend on the order). Holds at most `DECODE_AHEAD` + 2 raw chunks."""
 
-    def __init__(self, receiver: SnapshotReceiver, fd: int, path: str) -> None:
+    def __init__(self, receiver: SnapshotReceiver, image: ImageFile) -> None:
         self._receiver = receiver
-        self._fd = fd
-        self._path = path
+        self._image = image
         self._decoding: deque[tuple[Chunk, asyncio.Future[bytes]]] = deque()
         self._writing: asyncio.Future[None] | None = None
-        self._flusher = _Flusher(fd)
+        self._flusher = _Flusher(image.fd)
 
     def push(self, chunk: Chunk) -> None:
         self._receiver.admit(chunk)
@@ -173,7 +174,7 @@ class _Pipeline:
             raw = await _settle(decoding)
             self._decoding.popleft()
             await self._wrote()
-            args = (self._receiver, chunk, raw, self._fd, self._path)
+            args = (self._receiver, chunk, raw, self._image)
             self._writing = asyncio.ensure_future(asyncio.to_thread(_write_chunk, *args))
 
     async def finish(self) -> None:
@@ -273,13 +274,21 @@ def _first_chunk(message: rpb.SnapshotChunk) -> History:
         raise SnapshotError(f"snapshot chunk 0 carries a bad history: {err}") from None
 
 
-def _write_chunk(receiver: SnapshotReceiver, chunk: Chunk, raw: bytes, fd: int, path: str) -> None:
+def _write_chunk(receiver: SnapshotReceiver, chunk: Chunk, raw: bytes, image: ImageFile) -> None:
     """Check one decoded chunk's running CRC and append its bytes to the image (worker thread)."""
     receiver.take(chunk, raw)
     try:
-        fsutil.write_all(fd, raw)
+        image.write(raw)
     except OSError as err:
-        raise BootstrapError(f"{path}: cannot write the snapshot: {err.strerror}") from None
+        raise BootstrapError(f"{image.path}: cannot write the snapshot: {err.strerror}") from None
+
+
+def _finish(image: ImageFile) -> None:
+    """The staged rest of the image written, then the fsync (worker thread)."""
+    try:
+        image.finish()
+    except OSError as err:
+        raise BootstrapError(f"{image.path}: cannot write the snapshot: {err.strerror}") from None
 
 
 def _commit(data_dir: str, partial: str, history: History) -> None:

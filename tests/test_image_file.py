@@ -1,0 +1,87 @@
+"""ImageFile: the snapshot image written direct (whole blocks) and buffered (the tail)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from kevo_repl.repl import image_file
+from kevo_repl.repl.image_file import BLOCK, ImageFile
+
+
+def _write_in_pieces(path: Path, data: bytes, seed: int) -> ImageFile:
+    rng = random.Random(seed)
+    image = ImageFile(str(path))
+    at = 0
+    while at < len(data):
+        n = rng.choice([1, 100, BLOCK - 1, BLOCK, 70_000, image_file.STAGE_BYTES + 5])
+        image.write(data[at : at + n])
+        at += n
+    image.finish()
+    return image
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, BLOCK - 1, BLOCK, 3 * BLOCK + 17, 10 * 1024 * 1024 + 4096, 10 * 1024 * 1024 + 5],
+)
+def test_any_size_in_any_pieces_is_written_exactly(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "data.mdb"
+    image = _write_in_pieces(path, data, size)
+    try:
+        assert image.size == size
+        assert image.direct  # O_DIRECT works on this machine's /tmp; the fallback is below
+    finally:
+        image.close()
+    assert path.read_bytes() == data
+
+
+def test_without_o_direct_every_byte_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(image_file, "_open_direct", lambda path: -1)
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    image = _write_in_pieces(tmp_path / "data.mdb", data, 1)
+    try:
+        assert not image.direct
+    finally:
+        image.close()
+    assert (tmp_path / "data.mdb").read_bytes() == data
+
+
+def test_a_direct_write_stopping_part_way_goes_on_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short direct write (a full disk) leaves the offset unaligned: the rest of that write
+    goes through the buffered descriptor, which reports the real error if there is one."""
+    real = os.pwrite
+    calls: list[tuple[int, int]] = []
+
+    def short_once(fd: int, data: memoryview, offset: int) -> int:
+        calls.append((fd, len(data)))
+        if len(calls) == 1:  # the kernel took less than asked: report 100 bytes short
+            real(fd, data[:BLOCK], offset)
+            return BLOCK - 100
+        return real(fd, data, offset)
+
+    data = os.urandom(image_file.STAGE_BYTES + 10)
+    image = ImageFile(str(tmp_path / "data.mdb"))
+    monkeypatch.setattr(os, "pwrite", short_once)
+    try:
+        image.write(data)
+        image.finish()
+        direct_fd = calls[0][0]
+        assert calls[1][0] == image.fd != direct_fd  # the rest of the stage: buffered
+    finally:
+        image.close()
+    assert (tmp_path / "data.mdb").read_bytes() == data
+
+
+def test_the_file_must_be_new(tmp_path: Path) -> None:
+    (tmp_path / "data.mdb").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        ImageFile(str(tmp_path / "data.mdb"))
