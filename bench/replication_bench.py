@@ -16,8 +16,9 @@ In one run, with real node processes on 127.0.0.1:
 * bootstrap: a new replica of the primary once its early WAL is deleted: it receives a snapshot
   of the ~N-key store, switches to it and is current. Five new replicas one after another,
   each followed by a local copy of the store file (`cp --sparse=always data.mdb`, then fsync),
-  the baseline the target names; medians compared. Both rates count the store's bytes (see
-  `report_bootstrap`), so the ratio is cp's time over the bootstrap's. LMDB's compacting copy
+  the baseline the target names; the bootstrap's median is judged against cp's fastest run
+  (medians printed too). Both rates count the store's bytes (see `report_bootstrap`), so the
+  ratio is cp's time over the bootstrap's. LMDB's compacting copy
   (mdb_copy -c: the image the snapshot sends) is timed once, for reference.
 
 Targets: (issue 4) catch-up >= 0.7 of local replay; p99 lag <= 10 ms at 20,000 entries/s; zstd
@@ -457,7 +458,13 @@ def report_bootstrap(b: Bootstraps, quick: bool) -> None:
     """The target compares rates of copying the same store, so both count the store's bytes
     (data.mdb): the ratio is cp's time over the bootstrap's. The snapshot sends a compacted
     image, smaller than data.mdb; its own MB/s is printed too, but a rate per image byte would
-    favour sending the bigger, uncompacted file."""
+    favour sending the bigger, uncompacted file.
+
+    The verdict takes the bootstrap's median against cp's fastest run. cp writes through the
+    page cache, and on a VM whose host backs memory lazily its time swings with the state of
+    the guest's free memory (0.27 to 1.08 s for the same file in one run); the replica writes
+    its image with O_DIRECT and does not swing with it. Judging against cp at its best keeps
+    those stalls from counting in the bootstrap's favour."""
     mb = 1e6
     boot, cp = statistics.median(b.boot_s), statistics.median(b.cp_s)
     print(
@@ -473,8 +480,12 @@ def report_bootstrap(b: Bootstraps, quick: bool) -> None:
     print(f"local copy, LMDB compacting copy (for reference): {b.lmdb_s:.2f} s")
     pairs = ", ".join(f"{c / s:.2f}" for s, c in zip(b.boot_s, b.cp_s, strict=True))
     print(f"bootstrap / local copy rate: {cp / boot:.3f} (medians; run by run: {pairs})")
-    verdict = "PASS" if cp / boot >= 0.5 else "FAIL"
-    print(f"target bootstrap >= 0.5 of the local copy rate: {verdict}")
+    best = min(b.cp_s)
+    print(f"  against cp's fastest run ({best:.2f} s): {best / boot:.3f}")
+    verdict = "PASS" if best / boot >= 0.5 else "FAIL"
+    print(
+        f"target bootstrap >= 0.5 of the local copy rate (median against cp's fastest): {verdict}"
+    )
     if quick:
         print("(quick run: sizes too small for the targets to mean anything)")
 

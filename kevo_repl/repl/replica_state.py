@@ -79,6 +79,13 @@ HISTORY_LEN = 64  # transitions kept for debugging; Kevo's history grows forever
 _BACKOFF_EXPONENT_MAX = 64  # 2.0**64 is finite; the cap applies long before
 
 
+# Acks are unary RPCs (Kevo's Acknowledge): one costs the primary ~350 us of CPU (measured:
+# 2,222 acks/s took 0.77 of its core). At 10 ms a replica that applies continuously sent ~56 a
+# second, 2% of a primary's core per replica. At 100 ms a primary with 16 replicas spends under
+# 6% on them; positions on the primary (slots, status) are at most 100 ms (plus a tick) old.
+ACK_INTERVAL_S = 0.1
+
+
 class State(IntEnum):
     """Kevo's replica states, with Kevo's numbers (``pkg/replication/state.go``)."""
 
@@ -284,7 +291,7 @@ class ReplicaCore:
         backoff_base_s: float = 0.1,
         backoff_max_s: float = 5.0,
         dead_after_s: float = 5.0,
-        ack_interval_s: float = 0.01,
+        ack_interval_s: float = ACK_INTERVAL_S,
     ) -> None:
         received = applied_seq if received_seq is None else received_seq
         _check_args(applied_seq, received, backoff_base_s, backoff_max_s, dead_after_s)
