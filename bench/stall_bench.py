@@ -15,7 +15,7 @@ all (the control): what the primary's memory does anyway under this load.
 What bounds the primary's memory (kevo_repl/config.py, repl/primary.py, wal/tail.py):
 * the tail window, `replication_window_bytes` (16 MiB by default), counting each unit's bytes
   plus 128 bytes of overhead; shared by all streams, evicting the oldest units as it fills;
-* the shared frames, `replication_frame_cache_bytes` (4 MiB by default) of compressed frames,
+* the shared frames, `replication_frame_cache_bytes` (32 MiB by default) of compressed frames,
   oldest dropped first (repl/frame_cache.py);
 * per stream, one frame being sent: at most `replication_frame_bytes` (256 KiB) of raw units
   (plus the first unit however large; a BatchWrite of 1,000 is one unit of ~130 KB), its
@@ -71,7 +71,7 @@ MIB = 1024 * 1024
 MB = 1e6
 WINDOW_BYTES = 16 * MIB  # replication_window_bytes, passed explicitly (the default)
 FRAME_BYTES = 256 * 1024  # replication_frame_bytes, passed explicitly (the default)
-FRAME_CACHE_BYTES = 4 * MIB  # replication_frame_cache_bytes, passed explicitly (the default)
+FRAME_CACHE_BYTES = 32 * MIB  # replication_frame_cache_bytes, passed explicitly (the default)
 SLOT_KEEP_BYTES = 1024 * MIB
 ALLOWANCE_BYTES = 16 * MIB
 BOUND_BYTES = WINDOW_BYTES + FRAME_CACHE_BYTES + 4 * FRAME_BYTES + ALLOWANCE_BYTES

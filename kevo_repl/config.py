@@ -34,7 +34,7 @@ class NodeConfig:
     replication_listen: str = ""  # serve replication on this HOST:PORT instead of `listen`
     replication_window_bytes: int = 16 * 1024 * 1024  # primary: newest WAL kept in memory
     replication_frame_bytes: int = 256 * 1024  # primary: raw bytes per frame, at most
-    replication_frame_cache_bytes: int = 4 * 1024 * 1024  # primary: compressed frames shared
+    replication_frame_cache_bytes: int = 32 * 1024 * 1024  # primary: compressed frames shared
     replication_linger_ms: float = 2.0  # primary: gather closely following writes for this long
     replication_zstd_level: int = 1  # primary: 1 (fast) .. 22 (small)
     replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first

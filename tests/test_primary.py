@@ -350,3 +350,43 @@ def test_a_damaged_segment_ends_the_stream_with_data_loss(tmp_path: Path) -> Non
             assert second.name in (info.value.details() or "")
 
     _run(tmp_path, scenario)
+
+
+def test_frames_are_built_ahead_of_the_streams_while_the_bytes_are_in_memory(
+    tmp_path: Path,
+) -> None:
+    """Each durable advance builds frames of the new entries from the tail window, for the codec
+    a stream uses, so a stream that is behind sends them from the cache instead of reading and
+    scanning the segments; its frames then meet the shared boundaries."""
+
+    async def scenario(wal: WAL) -> None:
+        sessions = Sessions(wal)
+        sessions.attach(asyncio.get_running_loop())
+        limits = StreamLimits(frame_bytes_max=4096, linger_s=0.0)
+        service = ReplicationService(wal, sessions, "127.0.0.1:9", limits)
+        request = rpb.WALStreamRequest(start_sequence=1, frames=True)
+        session = sessions.open(request, "peer", Codec.ZSTD)
+        _fill(wal, 20)  # before any frame was built ahead: the stream reads these itself
+        await asyncio.sleep(0.05)
+        first_ahead = wal.last_seq + 1
+        for start in range(20, 220, 20):
+            _fill(wal, 20, start=start)  # durable at once (sync mode immediate)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        cache = service.frame_cache
+        built = cache.builds
+        assert built >= 5  # 4 KiB frames of ~220 entries written in ten steps
+        assert cache.next_start(first_ahead - 1, Codec.ZSTD) == first_ahead
+        # The stream, far behind, catches up: every frame from first_ahead on is a cache hit.
+        seen: list[int] = []
+        next_seq = 1
+        while next_seq <= wal.durable_seq:
+            (response, last), *_ = await service._next_responses(session, next_seq, wal.durable_seq)
+            frame = _frame(response)
+            seen += [e.seq for u in decode_frame(frame) for e in u.entries]
+            next_seq = last + 1
+        assert seen == list(range(1, wal.last_seq + 1))
+        assert cache.builds - built <= 1  # at most its first frame, from the segments
+        assert cache.hits >= built - 1
+
+    _run(tmp_path, scenario, window=1 << 20)

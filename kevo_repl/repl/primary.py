@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -67,7 +68,7 @@ class StreamLimits:
     heartbeat_s: float = 1.0
     zstd_level: int = 1
     streams_max: int = 16  # concurrent streams, and slots; more are RESOURCE_EXHAUSTED
-    frame_cache_bytes: int = 4 * 1024 * 1024  # compressed frames the streams share
+    frame_cache_bytes: int = 32 * 1024 * 1024  # compressed frames the streams share
 
 
 @dataclass(slots=True)
@@ -172,6 +173,7 @@ class Sessions:
         self._loop: asyncio.AbstractEventLoop | None = None
         # (durable seq, wall time) per fsync round, bounded: the basis of lag in seconds.
         self._durable_at: collections.deque[tuple[int, float]] = collections.deque(maxlen=8192)
+        self.on_wake: list[Callable[[], None]] = []  # run on the loop after each durable advance
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -194,6 +196,8 @@ class Sessions:
     def wake_all(self) -> None:
         for session in self._by_id.values():
             session.wake.set()
+        for listener in self.on_wake:
+            listener()
 
     def open(self, request: rpb.WALStreamRequest, peer: str, codec: Codec) -> Session:
         session = Session(
@@ -273,6 +277,11 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         self.store = store
         self.history = history or History.new()
         self.frame_cache = FrameCache(limits.frame_cache_bytes)
+        # The frames built ahead of the streams, per codec: up to which sequence, and when.
+        self._built_to: dict[Codec, int] = {}
+        self._built_at = 0.0
+        self._producing: asyncio.Future[None] | None = None
+        sessions.on_wake.append(self._produce_soon)
 
     async def GetReplicationStatus(
         self, request: rpb.ReplicationStatusRequest, context: grpc.aio.ServicerContext
@@ -662,16 +671,56 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         )
         if built is None:
             return []
-        session.live = built.live
+        # Keeping up: from memory, and ending within one frame of the durable end (frames are
+        # also built ahead and kept for streams well behind; those are catching up).
+        lag = durable - built.frame.last_seq
+        session.live = built.live and lag <= self.limits.frame_entries_max
         return [(self._frame_response(built.frame), built.frame.last_seq)]
 
-    async def _build_frame(self, codec: Codec, next_seq: int, durable: int) -> Built | None:
-        """A frame from the tail window if it holds `next_seq`, else from the segments."""
+    def _produce_soon(self) -> None:
+        """After each durable advance: frames of the new entries, built once while their bytes
+        are in the tail window, for every codec a stream uses. A stream behind then finds its
+        frames in the cache instead of reading the segments back and scanning them (about 1 us
+        an entry, in Python, on the primary's busiest thread)."""
+        if self._producing is None or self._producing.done():
+            self._producing = asyncio.ensure_future(self._produce())
+
+    async def _produce(self) -> None:
+        if time.monotonic() - self._built_at < self.limits.linger_s:
+            await asyncio.sleep(self.limits.linger_s)  # gather, as a caught-up stream does
+        self._built_at = time.monotonic()
+        durable = self.wal.durable_seq
+        for codec in {s.codec for s in self.sessions.all() if s.frames}:
+            start = self._built_to.get(codec, durable) + 1
+            while start <= durable:
+                built = await self.frame_cache.get(
+                    (start, codec), functools.partial(self._ahead, codec, start, durable)
+                )
+                if built is None:  # no longer in the window: streams read it from the segments
+                    start = durable + 1
+                    break
+                start = built.frame.last_seq + 1
+            self._built_to[codec] = start - 1
+
+    async def _ahead(self, codec: Codec, start: int, durable: int) -> Built | None:
+        return await self._build_frame(codec, start, durable, memory=True)
+
+    async def _build_frame(
+        self, codec: Codec, next_seq: int, durable: int, *, memory: bool = False
+    ) -> Built | None:
+        """A frame from the tail window if it holds `next_seq`, else (unless `memory`) from the
+        segments. It ends before the next frame the cache holds, so its stream goes on with
+        the shared ones."""
         limits = self.limits
+        shared = self.frame_cache.next_start(next_seq, codec)
+        if shared is not None:
+            durable = min(durable, shared - 1)
         got = self.wal.tail_take(
             next_seq, durable, limits.frame_bytes_max, limits.frame_entries_max
         )
         if got is None:
+            if memory:
+                return None
             frame = await asyncio.to_thread(self._read_frame, codec, next_seq, durable)
             return None if frame is None else Built(frame, live=False)
         args = (got.first_seq, got.last_seq, got.raw, codec, limits.zstd_level)
