@@ -1,6 +1,6 @@
 """Fan-out benchmark: the primary's write throughput with 0, 1 and 4 replicas attached.
 
-    python bench/fanout_bench.py            # full run (3 runs of 8 s per configuration)
+    python bench/fanout_bench.py            # full run (5 runs of 8 s per configuration)
     python bench/fanout_bench.py --quick    # smoke run used by the test suite
     python bench/fanout_bench.py --share-cpus   # no CPU pinning
 
@@ -223,7 +223,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script runs")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of one run")
-    parser.add_argument("--runs", type=int, default=3, help="runs per configuration")
+    parser.add_argument("--runs", type=int, default=5, help="runs per configuration")
     parser.add_argument(
         "--share-cpus",
         action="store_true",
