@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kevo_repl.repl.frame_cache import Built, FrameCache
+from kevo_repl.repl.frame_cache import ENTRY_OVERHEAD_BYTES, Built, FrameCache
 from kevo_repl.repl.frames import Codec, Frame
 
 
@@ -92,8 +93,10 @@ def test_one_caller_going_away_does_not_cancel_the_build() -> None:
 
 
 def test_held_bytes_stay_under_the_bound_oldest_dropped_first() -> None:
+    each = 30 + ENTRY_OVERHEAD_BYTES  # what one 30-byte frame counts for
+
     async def main() -> None:
-        cache = FrameCache(100)
+        cache = FrameCache(3 * each + 10)
         for first in range(1, 21):
 
             async def build(first: int = first) -> Built:
@@ -101,8 +104,8 @@ def test_held_bytes_stay_under_the_bound_oldest_dropped_first() -> None:
 
             await cache.get((first, Codec.ZSTD), build)
             await asyncio.sleep(0)
-            assert cache.held_bytes <= 100
-        assert len(cache) == 3  # 3 x 30 bytes fit, a fourth would not
+            assert cache.held_bytes <= 3 * each + 10
+        assert len(cache) == 3 and cache.held_bytes == 3 * each  # a fourth would not fit
         calls = 0
 
         async def again() -> Built:
@@ -123,5 +126,38 @@ def test_held_bytes_stay_under_the_bound_oldest_dropped_first() -> None:
         await big.get((1, Codec.ZSTD), huge)
         await asyncio.sleep(0)
         assert len(big) == 1  # the newest frame stays, whatever its size
+
+    asyncio.run(main())
+
+
+def test_a_frame_done_but_not_yet_counted_is_not_dropped_uncounted() -> None:
+    """Builds finish in one loop iteration and are counted in the next (done callbacks): the
+    eviction that one count starts must not drop another that is done but not counted yet,
+    or the held bytes would drift below what is held."""
+    each = 1000 + ENTRY_OVERHEAD_BYTES
+
+    async def main() -> None:
+        cache = FrameCache(each + each // 2)
+        gates = {k: asyncio.Event() for k in (1, 2, 3)}
+
+        def builder(k: int) -> Callable[[], Awaitable[Built]]:
+            async def build() -> Built:
+                await gates[k].wait()
+                return _built(k, 1000)
+
+            return build
+
+        waiters = [asyncio.ensure_future(cache.get((k, Codec.ZSTD), builder(k))) for k in (1, 2, 3)]
+        await asyncio.sleep(0)
+        gates[2].set()
+        await waiters[1]
+        await asyncio.sleep(0)
+        gates[3].set()
+        gates[1].set()  # 3 and 1 finish in the same iteration; 3 is counted first
+        await asyncio.gather(*waiters)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(cache) == 1 and cache.held_bytes == each  # only the newest, counted once
+        assert cache.next_start(0, Codec.ZSTD) == 3
 
     asyncio.run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from pathlib import Path
@@ -85,3 +86,49 @@ def test_the_file_must_be_new(tmp_path: Path) -> None:
     (tmp_path / "data.mdb").write_bytes(b"old")
     with pytest.raises(FileExistsError):
         ImageFile(str(tmp_path / "data.mdb"))
+
+
+def test_a_full_disk_is_an_oserror_and_the_file_still_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error must reach the caller as the OSError it is; close() must not fail with
+    BufferError because a view of the staging buffer outlived the failed write."""
+
+    def full(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    image = ImageFile(str(tmp_path / "data.mdb"))
+    monkeypatch.setattr(os, "pwrite", full)
+    try:
+        with pytest.raises(OSError) as caught:
+            image.write(os.urandom(image_file.STAGE_BYTES + 1))
+        assert caught.value.errno == errno.ENOSPC
+        error = caught.value  # kept alive, with its traceback, as the bootstrap's error keeps it
+    finally:
+        image.close()  # no BufferError
+    assert error.__traceback__ is not None
+
+
+def test_direct_writes_refused_with_einval_go_on_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwrite
+    image = ImageFile(str(tmp_path / "data.mdb"))
+    direct_fd = image._direct
+
+    def picky(fd: int, data: memoryview, offset: int) -> int:
+        if fd == direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", picky)
+    data = os.urandom(2 * image_file.STAGE_BYTES + 999)
+    try:
+        assert image.direct
+        image.write(data[:100])
+        image.write(data[100:])
+        assert not image.direct  # the first full stage met EINVAL
+        image.finish()
+    finally:
+        image.close()
+    assert (tmp_path / "data.mdb").read_bytes() == data

@@ -14,9 +14,11 @@ one. Whoever reaches a sequence first decides where its frame ends; a frame buil
 stream ends before the next frame held (`next_start`), so every stream soon meets the shared
 boundaries and keeps hitting the cache.
 
-Bounded by the compressed bytes of the frames it holds, oldest dropped first. A frame still
-being built is not counted: there is at most one per stream. A stream holding a frame that was
-dropped keeps it only until it has sent it.
+Bounded by the bytes of the frames it holds, oldest dropped first: each frame's compressed
+payload plus `ENTRY_OVERHEAD_BYTES` for the objects around it (measured at ~1,300 bytes a
+frame; it dominates when light writes make one small frame per fsync). A frame still being
+built is not counted: there is at most one per stream, and one built ahead. A stream holding a
+frame that was dropped keeps it only until it has sent it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from kevo_repl.repl.frames import Codec, Frame
 
 Key = tuple[int, Codec]
+ENTRY_OVERHEAD_BYTES = 1536  # the task, Built, Frame, key, dict and list slots of one frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,7 @@ class FrameCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Key, asyncio.Future[Built | None]] = OrderedDict()
         self._starts: list[Key] = []  # the keys, sorted: where the next frame starts
+        self._sizes: dict[Key, int] = {}  # what each settled frame counts for in `_bytes`
         self._bytes = 0
         self.hits = 0  # for tests and status: frames sent without building them again
         self.builds = 0
@@ -76,10 +80,16 @@ class FrameCache:
     def _settled(self, key: Key, done: asyncio.Future[Built | None]) -> None:
         if self._entries.get(key) is not done:
             return
-        if done.cancelled() or done.exception() is not None or done.result() is None:
+        if done.cancelled() or done.exception() is not None:
             self._drop(key)
             return
-        self._bytes += _size(done)
+        built = done.result()
+        if built is None:
+            self._drop(key)
+            return
+        size = len(built.frame.payload) + ENTRY_OVERHEAD_BYTES
+        self._sizes[key] = size
+        self._bytes += size
         self._evict()
 
     def _evict(self) -> None:
@@ -87,28 +97,24 @@ class FrameCache:
 
         Stops at a frame still being built: it is dropped by a later call, once it is done."""
         while self._bytes > self.max_bytes and len(self._entries) > 1:
-            key, oldest = next(iter(self._entries.items()))
-            if not oldest.done():
+            key = next(iter(self._entries))
+            if key not in self._sizes:  # still being built, or done but not settled yet
                 return
             self._drop(key)
-            self._bytes -= _size(oldest)
 
     def next_start(self, seq: int, codec: Codec) -> int | None:
         """The first sequence after `seq` where a frame held for `codec` starts, if any: a
         frame built from `seq` should end before it, so its stream meets the shared frames."""
-        i = bisect.bisect_right(self._starts, (seq, codec))
-        for start, other in self._starts[i:]:
-            if other == codec:
+        starts = self._starts
+        for i in range(bisect.bisect_right(starts, (seq, codec)), len(starts)):
+            start, other = starts[i]
+            if other == codec and start > seq:
                 return start
         return None
 
     def _drop(self, key: Key) -> None:
         del self._entries[key]
+        self._bytes -= self._sizes.pop(key, 0)
         i = bisect.bisect_left(self._starts, key)
         if i < len(self._starts) and self._starts[i] == key:
             del self._starts[i]
-
-
-def _size(done: asyncio.Future[Built | None]) -> int:
-    built = done.result()
-    return len(built.frame.payload) if built is not None else 0

@@ -17,6 +17,7 @@ cache, as a plain write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -54,31 +55,29 @@ class ImageFile:
     def write(self, data: bytes | memoryview) -> None:
         """Append `data` (OSError from the file system as is)."""
         self.size += len(data)
-        if self._stage is None:
-            fsutil.write_all(self.fd, data)
-            return
-        view = memoryview(data)
-        while view:
-            n = min(len(view), STAGE_BYTES - self._staged)
-            self._stage[self._staged : self._staged + n] = view[:n]
-            self._staged += n
-            view = view[n:]
-            if self._staged == STAGE_BYTES:
-                self._write_stage(STAGE_BYTES)
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view) and self._stage is not None:
+                n = min(len(view) - done, STAGE_BYTES - self._staged)
+                self._stage[self._staged : self._staged + n] = view[done : done + n]
+                self._staged += n
+                done += n
+                if self._staged == STAGE_BYTES:
+                    self._write_stage(STAGE_BYTES)  # may fall back to buffered writes
+            if done < len(view):  # buffered: no O_DIRECT here, or no longer
+                with view[done:] as rest:
+                    _pwrite_all(self.fd, rest, self._offset)
+                self._offset += len(view) - done
 
     def finish(self) -> None:
         """Write out what is staged (the whole blocks direct, the rest buffered) and fsync."""
         if self._stage is not None and self._staged:
-            whole = self._staged - self._staged % BLOCK
-            self._write_stage(whole)
-            if self._staged:  # the image's last bytes, shorter than a block
-                tail = memoryview(self._stage)[: self._staged]
-                try:
-                    _pwrite_all(self.fd, tail, self._offset)
-                finally:
-                    tail.release()
-                self._offset += self._staged
-                self._staged = 0
+            self._write_stage(self._staged - self._staged % BLOCK)
+        if self._stage is not None and self._staged:  # the last bytes, shorter than a block
+            with memoryview(self._stage) as view, view[: self._staged] as tail:
+                _pwrite_all(self.fd, tail, self._offset)
+            self._offset += self._staged
+            self._staged = 0
         fsutil.fsync_fd(self.fd)
 
     def close(self) -> None:
@@ -86,25 +85,46 @@ class ImageFile:
             if fd >= 0:
                 os.close(fd)
         self._direct = self.fd = -1
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        self._drop_stage()
 
     def _write_stage(self, length: int) -> None:
         """The first `length` staged bytes (whole blocks) to the file; the rest moves to the
-        front of the stage."""
+        front of the stage. A file system that takes O_DIRECT at open but refuses the writes
+        (EINVAL: it wants a larger alignment) gets this and every later byte buffered."""
         assert self._stage is not None and length % BLOCK == 0
         if length:
-            view = memoryview(self._stage)
-            try:
-                _pwrite_all(self._direct, view[:length], self._offset, self.fd)
-            finally:
-                view.release()
+            with memoryview(self._stage) as view, view[:length] as part:
+                try:
+                    _pwrite_all(self._direct, part, self._offset, self.fd)
+                except OSError as err:
+                    if err.errno != errno.EINVAL:
+                        raise
+                    self._to_buffered()
+                    return
         self._offset += length
         rest = self._staged - length
         if rest:
             self._stage.move(0, length, rest)
         self._staged = rest
+
+    def _to_buffered(self) -> None:
+        """Everything staged through the page cache, and from now on every write."""
+        assert self._stage is not None
+        with memoryview(self._stage) as view, view[: self._staged] as staged:
+            _pwrite_all(self.fd, staged, self._offset)
+        self._offset += self._staged
+        self._staged = 0
+        os.close(self._direct)
+        self._direct = -1
+        self._drop_stage()
+
+    def _drop_stage(self) -> None:
+        if self._stage is not None:
+            stage, self._stage = self._stage, None
+            # Every view of it is released by the `with` blocks, even on an error; if one
+            # still lived, the mapping would go with it rather than fail the caller here.
+            with contextlib.suppress(BufferError):
+                stage.close()
 
 
 def _open_direct(path: str) -> int:
@@ -124,9 +144,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, fallback: int = -1) -> N
     """All of `data` at `offset`. A direct write that stopped part way (a full disk) leaves the
     offset unaligned: the rest goes to `fallback`, the buffered descriptor, which then reports
     the real error rather than EINVAL."""
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-        if data and fallback >= 0:
+    done = 0
+    while done < len(data):
+        with data[done:] as rest:
+            n = os.pwrite(fd, rest, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset + done}")
+        done += n
+        if done < len(data) and fallback >= 0:
             fd, fallback = fallback, -1

@@ -669,6 +669,8 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         built = await self.frame_cache.get(
             (next_seq, session.codec), lambda: self._build_frame(session.codec, next_seq, durable)
         )
+        if built is None:  # a build ahead that found the window moved on: read it ourselves
+            built = await self._build_frame(session.codec, next_seq, durable)
         if built is None:
             return []
         # Keeping up: from memory, and ending within one frame of the durable end (frames are
@@ -684,6 +686,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         an entry, in Python, on the primary's busiest thread)."""
         if self._producing is None or self._producing.done():
             self._producing = asyncio.ensure_future(self._produce())
+            self._producing.add_done_callback(_producer_ended)
 
     async def _produce(self) -> None:
         if time.monotonic() - self._built_at < self.limits.linger_s:
@@ -828,6 +831,13 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
             if key == "session-id":
                 return self.sessions.get(str(value))
         return None
+
+
+def _producer_ended(task: asyncio.Future[None]) -> None:
+    """Frames built ahead are an optimisation: a failure there (the WAL closing at shutdown, a
+    segment error a stream it joined reports itself) costs only the frames not built."""
+    if not task.cancelled() and (err := task.exception()) is not None:
+        log.debug("building frames ahead stopped: %s", err)
 
 
 def take_units(units: Iterator[Unit], limits: StreamLimits) -> list[Unit]:
