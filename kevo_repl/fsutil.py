@@ -59,6 +59,19 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite of all of `data` at `offset`, however short each write. Each slice is released
+    before the next call, so an error leaves no view of the caller's buffer alive (an mmap with
+    a view cannot be closed)."""
+    done = 0
+    while done < len(data):
+        with data[done:] as rest:
+            n = os.pwrite(fd, rest, offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset + done}")
+        done += n
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Replace `path` with `data` durably: write a temp file, fsync, rename, fsync the directory."""
     tmp = f"{path}.tmp"

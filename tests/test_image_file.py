@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kevo_repl import fsutil
 from kevo_repl.repl import image_file
 from kevo_repl.repl.image_file import BLOCK, ImageFile
 
@@ -132,3 +133,28 @@ def test_direct_writes_refused_with_einval_go_on_through_the_page_cache(
     finally:
         image.close()
     assert (tmp_path / "data.mdb").read_bytes() == data
+
+
+def test_pwrite_all_goes_on_after_short_writes_and_refuses_a_write_of_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.pwrite
+    sizes: list[int] = []
+
+    def short(fd: int, data: memoryview, offset: int) -> int:
+        sizes.append(len(data))
+        return real(fd, data[:1000], offset)
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        data = os.urandom(3500)
+        monkeypatch.setattr(os, "pwrite", short)
+        fsutil.pwrite_all(fd, memoryview(data), 10)
+        assert sizes == [3500, 2500, 1500, 500]
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+        with pytest.raises(OSError, match="wrote nothing at offset 10"):
+            fsutil.pwrite_all(fd, memoryview(data), 10)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(10) + data

@@ -23,7 +23,7 @@ from kevo_repl import failpoints, fsutil
 from kevo_repl.errors import ConfigError
 from kevo_repl.proto import replication_pb2 as rpb
 from kevo_repl.proto import replication_pb2_grpc as rpb_grpc
-from kevo_repl.repl import bootstrap, snapshot_source
+from kevo_repl.repl import bootstrap, image_file, snapshot_source
 from kevo_repl.repl.bootstrap import (
     PARTIAL_DIR,
     READY_DIR,
@@ -411,7 +411,9 @@ def test_a_bad_chunk_mid_stream_fails_the_fetch_and_the_next_one_starts_clean(
 def test_the_image_is_flushed_while_it_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Background fsyncs every FLUSH_BYTES, so the one at the end has little left to write."""
+    """Background fsyncs every FLUSH_BYTES, so the one at the end has little left to write
+    (written through the page cache: where O_DIRECT is refused)."""
+    monkeypatch.setattr(image_file, "_open_direct", lambda path: -1)
     synced: list[int] = []
     real = fsutil.fsync_fd
 
@@ -432,7 +434,9 @@ def test_a_failed_background_flush_fails_the_fetch(
 ) -> None:
     """The last background flush may still run when the last chunk is written; its error must
     fail the fetch: Linux reports a writeback error once per file, so the final fsync would
-    succeed and an image that never reached the disk would be committed."""
+    succeed and an image that never reached the disk would be committed. (Written through the
+    page cache: with O_DIRECT there are no background flushes.)"""
+    monkeypatch.setattr(image_file, "_open_direct", lambda path: -1)
 
     def fails(fd: int) -> None:
         time.sleep(0.2)  # still running when the last chunk is written
@@ -444,6 +448,19 @@ def test_a_failed_background_flush_fails_the_fetch(
     with pytest.raises(BootstrapError, match="Input/output error"):
         asyncio.run(_fetch_from_fake(image, tmp_path))
     assert not (tmp_path / READY_DIR).exists()
+
+
+def test_an_image_written_direct_is_not_flushed_until_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct writes are on the device already: no background fsync, only the final one."""
+    flushed: list[int] = []
+    monkeypatch.setattr(bootstrap, "_flush", flushed.append)
+    monkeypatch.setattr(bootstrap, "FLUSH_BYTES", 32 * 1024)
+    image = os.urandom(400_000)
+    asyncio.run(_fetch_from_fake(image, tmp_path))
+    assert flushed == []
+    assert (tmp_path / READY_DIR / "store" / "data.mdb").read_bytes() == image
 
 
 def test_the_primary_reads_an_image_of_many_chunks_through_its_fixed_buffers(

@@ -161,7 +161,7 @@ class _Pipeline:
         self._image = image
         self._decoding: deque[tuple[Chunk, asyncio.Future[bytes]]] = deque()
         self._writing: asyncio.Future[None] | None = None
-        self._flusher = _Flusher(image.fd)
+        self._flusher = _Flusher(image)
 
     def push(self, chunk: Chunk) -> None:
         self._receiver.admit(chunk)
@@ -226,10 +226,12 @@ async def _until_done(work: asyncio.Future[T]) -> bool:
 class _Flusher:
     """Starts an fsync of the image in the background each `FLUSH_BYTES` it grows, so the
     page cache writes it out while the rest arrives and the fsync at the end has little left
-    (PostgreSQL's pg_flush_data does the same for the files it copies)."""
+    (PostgreSQL's pg_flush_data does the same for the files it copies). Only while the image is
+    written through the page cache: direct writes are on the device already, and an fsync then
+    only flushes the device's cache, which the one at the end does."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, image: ImageFile) -> None:
+        self._image = image
         self._flushed_to = 0
         self.running: asyncio.Future[None] | None = None
 
@@ -239,9 +241,9 @@ class _Flusher:
             if not self.running.done():
                 return
             self.running.result()
-        if size - self._flushed_to >= FLUSH_BYTES:
+        if not self._image.direct and size - self._flushed_to >= FLUSH_BYTES:
             self._flushed_to = size
-            self.running = asyncio.ensure_future(asyncio.to_thread(_flush, self._fd))
+            self.running = asyncio.ensure_future(asyncio.to_thread(_flush, self._image.fd))
 
 
 def _flush(fd: int) -> None:

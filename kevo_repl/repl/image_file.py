@@ -66,7 +66,7 @@ class ImageFile:
                     self._write_stage(STAGE_BYTES)  # may fall back to buffered writes
             if done < len(view):  # buffered: no O_DIRECT here, or no longer
                 with view[done:] as rest:
-                    _pwrite_all(self.fd, rest, self._offset)
+                    fsutil.pwrite_all(self.fd, rest, self._offset)
                 self._offset += len(view) - done
 
     def finish(self) -> None:
@@ -75,7 +75,7 @@ class ImageFile:
             self._write_stage(self._staged - self._staged % BLOCK)
         if self._stage is not None and self._staged:  # the last bytes, shorter than a block
             with memoryview(self._stage) as view, view[: self._staged] as tail:
-                _pwrite_all(self.fd, tail, self._offset)
+                fsutil.pwrite_all(self.fd, tail, self._offset)
             self._offset += self._staged
             self._staged = 0
         fsutil.fsync_fd(self.fd)
@@ -95,7 +95,7 @@ class ImageFile:
         if length:
             with memoryview(self._stage) as view, view[:length] as part:
                 try:
-                    _pwrite_all(self._direct, part, self._offset, self.fd)
+                    self._pwrite_direct(part, self._offset)
                 except OSError as err:
                     if err.errno != errno.EINVAL:
                         raise
@@ -107,11 +107,20 @@ class ImageFile:
             self._stage.move(0, length, rest)
         self._staged = rest
 
+    def _pwrite_direct(self, data: memoryview, offset: int) -> None:
+        """A direct write that stops part way (a full disk) leaves the offset unaligned: the
+        rest goes through the buffered descriptor, which then reports the real error (ENOSPC)
+        rather than EINVAL."""
+        n = os.pwrite(self._direct, data, offset)
+        if n < len(data):
+            with data[n:] as rest:
+                fsutil.pwrite_all(self.fd, rest, offset + n)
+
     def _to_buffered(self) -> None:
         """Everything staged through the page cache, and from now on every write."""
         assert self._stage is not None
         with memoryview(self._stage) as view, view[: self._staged] as staged:
-            _pwrite_all(self.fd, staged, self._offset)
+            fsutil.pwrite_all(self.fd, staged, self._offset)
         self._offset += self._staged
         self._staged = 0
         os.close(self._direct)
@@ -138,18 +147,3 @@ def _open_direct(path: str) -> int:
         if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return -1
         raise
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, fallback: int = -1) -> None:
-    """All of `data` at `offset`. A direct write that stopped part way (a full disk) leaves the
-    offset unaligned: the rest goes to `fallback`, the buffered descriptor, which then reports
-    the real error rather than EINVAL."""
-    done = 0
-    while done < len(data):
-        with data[done:] as rest:
-            n = os.pwrite(fd, rest, offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset + done}")
-        done += n
-        if done < len(data) and fallback >= 0:
-            fd, fallback = fallback, -1

@@ -696,17 +696,13 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         for codec in {s.codec for s in self.sessions.all() if s.frames}:
             start = self._built_to.get(codec, durable) + 1
             while start <= durable:
-                built = await self.frame_cache.get(
-                    (start, codec), functools.partial(self._ahead, codec, start, durable)
-                )
+                build = functools.partial(self._build_frame, codec, start, durable, memory=True)
+                built = await self.frame_cache.get((start, codec), build)
                 if built is None:  # no longer in the window: streams read it from the segments
                     start = durable + 1
                     break
                 start = built.frame.last_seq + 1
             self._built_to[codec] = start - 1
-
-    async def _ahead(self, codec: Codec, start: int, durable: int) -> Built | None:
-        return await self._build_frame(codec, start, durable, memory=True)
 
     async def _build_frame(
         self, codec: Codec, next_seq: int, durable: int, *, memory: bool = False
