@@ -37,6 +37,7 @@ class NodeConfig:
     replication_frame_cache_bytes: int = 32 * 1024 * 1024  # primary: compressed frames shared
     replication_linger_ms: float = 2.0  # primary: gather closely following writes for this long
     replication_zstd_level: int = 1  # primary: 1 (fast) .. 22 (small)
+    snapshot_zstd_level: int = -2  # primary: snapshot chunks; -7 (fastest) .. 22 (small)
     replication_codecs: str = "zstd,snappy,none"  # replica: accepted, most preferred first
     max_replicas: int = 16  # primary: concurrent replication streams, and slots
     slot_keep_bytes: int = 4 * 1024**3  # primary: WAL one replica's slot may hold back
@@ -145,6 +146,8 @@ def _validate_replication(config: NodeConfig, source: str) -> None:
         raise ConfigError(f"{source}: replication_linger_ms must be in 0..1000")
     if not 1 <= config.replication_zstd_level <= 22:
         raise ConfigError(f"{source}: replication_zstd_level must be in 1..22")
+    if not -7 <= config.snapshot_zstd_level <= 22:
+        raise ConfigError(f"{source}: snapshot_zstd_level must be in -7..22")
     if config.on_divergence not in DIVERGENCE_POLICIES:
         raise ConfigError(
             f"{source}: on_divergence must be {' or '.join(DIVERGENCE_POLICIES)}, "

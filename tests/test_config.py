@@ -47,6 +47,8 @@ def test_example_config_is_valid_and_complete() -> None:
         ({"data_dir": "d", "replication_frame_bytes": 10}, "replication_frame_bytes must be in"),
         ({"data_dir": "d", "replication_linger_ms": -1}, "replication_linger_ms must be in"),
         ({"data_dir": "d", "replication_zstd_level": 0}, "replication_zstd_level must be in 1..22"),
+        ({"data_dir": "d", "snapshot_zstd_level": -8}, "snapshot_zstd_level must be in -7..22"),
+        ({"data_dir": "d", "snapshot_zstd_level": 23}, "snapshot_zstd_level must be in -7..22"),
         ({"data_dir": "d", "replication_codecs": "zstd,lz4"}, "replication_codecs must list"),
         ({"data_dir": "d", "replication_codecs": "zstd,zstd"}, "replication_codecs must list"),
         ({"data_dir": "d", "replication_codecs": " , "}, "replication_codecs must list"),

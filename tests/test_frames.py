@@ -340,6 +340,16 @@ def test_unknown_codec() -> None:
         decode_frame(frame)
 
 
+@given(st.lists(st.binary(max_size=20_000), max_size=4), st.integers(0, 2**32 - 1))
+def test_the_fast_crc_is_zlibs_crc32_chained_or_not(parts: list[bytes], start: int) -> None:
+    crc = zlib_crc = start
+    for part in parts:
+        crc = frames.crc32_ieee(part, crc)
+        zlib_crc = zlib.crc32(part, zlib_crc)
+        assert frames.crc32_ieee(part) == zlib.crc32(part)
+    assert crc == zlib_crc
+
+
 @pytest.mark.parametrize("codec", list(Codec))
 def test_crc_mismatch(codec: Codec) -> None:
     frame = encode_frame([_put(1), _put(2)], codec)

@@ -463,14 +463,15 @@ def test_an_image_written_direct_is_not_flushed_until_the_end(
     assert (tmp_path / READY_DIR / "store" / "data.mdb").read_bytes() == image
 
 
+@pytest.mark.parametrize("level", [1, -2])  # -2: snapshot_zstd_level's default
 def test_the_primary_reads_an_image_of_many_chunks_through_its_fixed_buffers(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, level: int
 ) -> None:
     monkeypatch.setattr(snapshot_source, "CHUNK_BYTES", 4096)
     store = MemoryStore()
     for i in range(2000):
         store.apply([Entry(i + 1, Op.PUT, b"key%06d" % i, os.urandom(64))], i + 1)
-    reader = snapshot_source.ImageReader(store.begin_export(), Codec.ZSTD, 1)
+    reader = snapshot_source.ImageReader(store.begin_export(), Codec.ZSTD, level)
     receiver = SnapshotReceiver()
     image = b""
     index = 0

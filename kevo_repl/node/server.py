@@ -100,6 +100,7 @@ def stream_limits(config: NodeConfig) -> StreamLimits:
         frame_cache_bytes=config.replication_frame_cache_bytes,
         linger_s=config.replication_linger_ms / 1000,
         zstd_level=config.replication_zstd_level,
+        snapshot_zstd_level=config.snapshot_zstd_level,
         streams_max=config.max_replicas,
     )
 

@@ -67,6 +67,7 @@ class StreamLimits:
     linger_s: float = 0.002  # only while frames follow each other closely
     heartbeat_s: float = 1.0
     zstd_level: int = 1
+    snapshot_zstd_level: int = -2  # a negative level: zstd's fast levels (see frames.py)
     streams_max: int = 16  # concurrent streams, and slots; more are RESOURCE_EXHAUSTED
     frame_cache_bytes: int = 32 * 1024 * 1024  # compressed frames the streams share
 
@@ -578,7 +579,7 @@ class ReplicationService(rpb_grpc.WALReplicationServiceServicer):
         boot.store_format = export.format
         self.wal.hold(boot.id, export.applied_seq + 1)  # until the replica's slot takes over
         codec = first_known_codec(request.accepted_codecs) or Codec.NONE
-        return ImageReader(export, codec, self.limits.zstd_level)
+        return ImageReader(export, codec, self.limits.snapshot_zstd_level)
 
     async def _snapshot_chunks(
         self, image: ImageReader, boot: BootstrapSession, context: grpc.aio.ServicerContext

@@ -4,11 +4,12 @@ A snapshot is an image of the primary's store taken in one read transaction at s
 LMDB: the compacted copy ``mdb_env_copy`` writes, i.e. a ``data.mdb`` that opens as a store
 whose applied position is S). It travels as `SnapshotChunk` messages, each carrying up to
 `CHUNK_BYTES` of the image compressed with the replica's codec and the image's running CRC-32
-through its raw bytes (``zlib.crc32(raw, previous chunk's crc32)``): one pass over the bytes
-checks each chunk and, chained, the whole. The last chunk carries the image's length and CRC,
-so a replica accepts an image only when every chunk arrived, in order, intact, and the whole is
-exactly what the primary read. (A sha256 of the image cost more CPU than the rest of the
-receive path; the transport below is TCP, and the CRC guards against what gets past it.)
+through its raw bytes (``zlib.crc32(raw, previous chunk's crc32)``, computed by
+`frames.crc32_ieee`): one pass over the bytes checks each chunk and, chained, the whole. The
+last chunk carries the image's length and CRC, so a replica accepts an image only when every
+chunk arrived, in order, intact, and the whole is exactly what the primary read. (A sha256 of
+the image cost more CPU than the rest of the receive path; the transport below is TCP, and the
+CRC guards against what gets past it.)
 
 `SnapshotReceiver` checks a stream of chunks; anything wrong is a `SnapshotError` naming the
 chunk. It keeps nothing but counters and a running hash: the driver writes each chunk's bytes

@@ -29,12 +29,11 @@ import fcntl
 import os
 import queue
 import threading
-import zlib
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kevo_repl.repl.frames import Codec, compress
+from kevo_repl.repl.frames import Codec, compress, crc32_ieee
 from kevo_repl.repl.snapshot import CHUNK_BYTES
 from kevo_repl.store.base import StoreExport
 
@@ -94,7 +93,7 @@ class ImageReader:
             while (buf := self._buffer()) is not None:
                 size = _read_full(r, buf)
                 with memoryview(buf)[:size] as raw:
-                    self.crc32 = zlib.crc32(raw, self.crc32)
+                    self.crc32 = crc32_ieee(raw, self.crc32)
                 self.total_bytes += size
                 try:
                     pending = self._pool.submit(self._compress, buf, size, self.crc32)
