@@ -77,14 +77,17 @@ def read_units(path: str, verdicts: list[FileVerdict]) -> Iterator[Unit]:
 def dump(path: str, from_seq: int, as_json: bool, out: TextIO) -> int:
     _, files = resolve(path)
     verdicts: list[FileVerdict] = []
+    prev_last = -1  # the highest sequence of the files dumped so far
     for file in files:
         for unit in read_units(file, verdicts):
             batch = unit.first_seq if unit.is_batch else None
             for entry in unit.entries:
                 if entry.seq >= from_seq:
                     out.write(_format(entry.seq, entry.op, entry.key, entry.value, batch, as_json))
-        if verdicts[-1].end.outcome is not Outcome.CLEAN or _first_gap(verdicts):
+        v = verdicts[-1]
+        if v.end.outcome is not Outcome.CLEAN or _gap(prev_last, v):
             break
+        prev_last = _last_so_far(prev_last, v)
     return _outcome(verdicts, files)
 
 
@@ -136,12 +139,21 @@ def _first_gap(verdicts: list[FileVerdict]) -> str:
     of the numbers at rotation, not damage)."""
     prev_last = -1
     for v in verdicts:
-        if v.units == 0:
-            continue
-        if prev_last >= 0 and v.first_seq > prev_last + 1:
-            return f"{v.path}: corruption: {gap_reason(prev_last, v.first_seq)}"
-        prev_last = max(prev_last, v.last_seq)
+        if gap := _gap(prev_last, v):
+            return gap
+        prev_last = _last_so_far(prev_last, v)
     return ""
+
+
+def _gap(prev_last: int, v: FileVerdict) -> str:
+    """The gap before file `v`, given the highest sequence of the files before it."""
+    if v.units and prev_last >= 0 and v.first_seq > prev_last + 1:
+        return f"{v.path}: corruption: {gap_reason(prev_last, v.first_seq)}"
+    return ""
+
+
+def _last_so_far(prev_last: int, v: FileVerdict) -> int:
+    return max(prev_last, v.last_seq) if v.units else prev_last
 
 
 def _report_problem(verdicts: list[FileVerdict], files: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from nodeproc import node_env, run_cli
 
+from kevo_repl import walcli
 from kevo_repl.cli import main
 from kevo_repl.errors import CorruptionError
 from kevo_repl.wal import WAL, Op, SyncMode, WalOptions
@@ -184,6 +186,28 @@ def test_cli_dump_json_and_from(tmp_path: Path, capsys: pytest.CaptureFixture[st
     }
     assert main(["wal", "dump", str(file)]) == 0  # a single file works too
     assert "4 put 'a' '1' [batch 4]" in capsys.readouterr().out
+
+
+def test_cli_dump_stops_at_a_missing_segment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The files up to the one after the gap, then the gap named at that file, exit corrupt;
+    nothing from the files after it."""
+    wal_dir = tmp_path / "w"
+    options = WalOptions(sync_mode=SyncMode.NONE, segment_bytes_max=4096)
+    with WAL.open(str(wal_dir), options) as wal:
+        for i in range(200):
+            wal.append(Op.PUT, b"k%03d" % i, b"v" * 100)
+    segments = [wal_dir / name for name in list_segments(str(wal_dir))]
+    assert len(segments) >= 5
+    segments[2].unlink()  # the third of several: files before and after it remain
+    capsys.readouterr()
+    assert main(["wal", "dump", str(wal_dir)]) == walcli.EXIT_CORRUPT
+    captured = capsys.readouterr()
+    dumped = [int(line.split()[0]) for line in captured.out.splitlines()]
+    jumps = [(a, b) for a, b in itertools.pairwise(dumped) if b != a + 1]
+    assert dumped[0] == 1 and len(jumps) == 1 and dumped[-1] < 200
+    assert f"{segments[3]}: corruption: " in captured.err and "are missing" in captured.err
 
 
 def test_cli_verify_and_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
