@@ -33,12 +33,9 @@ def _write_in_pieces(path: Path, data: bytes, seed: int) -> ImageFile:
 def test_any_size_in_any_pieces_is_written_exactly(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
     path = tmp_path / "data.mdb"
-    image = _write_in_pieces(path, data, size)
-    try:
+    with _write_in_pieces(path, data, size) as image:
         assert image.size == size
         assert image.direct  # O_DIRECT works on this machine's /tmp; the fallback is below
-    finally:
-        image.close()
     assert path.read_bytes() == data
 
 
@@ -47,11 +44,8 @@ def test_without_o_direct_every_byte_goes_through_the_page_cache(
 ) -> None:
     monkeypatch.setattr(image_file, "_open_direct", lambda path: -1)
     data = os.urandom(5 * 1024 * 1024 + 123)
-    image = _write_in_pieces(tmp_path / "data.mdb", data, 1)
-    try:
+    with _write_in_pieces(tmp_path / "data.mdb", data, 1) as image:
         assert not image.direct
-    finally:
-        image.close()
     assert (tmp_path / "data.mdb").read_bytes() == data
 
 
@@ -71,15 +65,12 @@ def test_a_direct_write_stopping_part_way_goes_on_buffered(
         return real(fd, data, offset)
 
     data = os.urandom(image_file.STAGE_BYTES + 10)
-    image = ImageFile(str(tmp_path / "data.mdb"))
-    monkeypatch.setattr(os, "pwrite", short_once)
-    try:
+    with ImageFile(str(tmp_path / "data.mdb")) as image:
+        monkeypatch.setattr(os, "pwrite", short_once)
         image.write(data)
         image.finish()
         direct_fd = calls[0][0]
         assert calls[1][0] == image.fd != direct_fd  # the rest of the stage: buffered
-    finally:
-        image.close()
     assert (tmp_path / "data.mdb").read_bytes() == data
 
 
@@ -98,15 +89,12 @@ def test_a_full_disk_is_an_oserror_and_the_file_still_closes(
     def full(fd: int, data: memoryview, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    image = ImageFile(str(tmp_path / "data.mdb"))
-    monkeypatch.setattr(os, "pwrite", full)
-    try:
+    with ImageFile(str(tmp_path / "data.mdb")) as image:  # closing: no BufferError
+        monkeypatch.setattr(os, "pwrite", full)
         with pytest.raises(OSError) as caught:
             image.write(os.urandom(image_file.STAGE_BYTES + 1))
         assert caught.value.errno == errno.ENOSPC
         error = caught.value  # kept alive, with its traceback, as the bootstrap's error keeps it
-    finally:
-        image.close()  # no BufferError
     assert error.__traceback__ is not None
 
 
@@ -114,24 +102,21 @@ def test_direct_writes_refused_with_einval_go_on_through_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = os.pwrite
-    image = ImageFile(str(tmp_path / "data.mdb"))
-    direct_fd = image._direct
-
-    def picky(fd: int, data: memoryview, offset: int) -> int:
-        if fd == direct_fd:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", picky)
     data = os.urandom(2 * image_file.STAGE_BYTES + 999)
-    try:
+    with ImageFile(str(tmp_path / "data.mdb")) as image:
+        direct_fd = image._direct
+
+        def picky(fd: int, data: memoryview, offset: int) -> int:
+            if fd == direct_fd:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", picky)
         assert image.direct
         image.write(data[:100])
         image.write(data[100:])
         assert not image.direct  # the first full stage met EINVAL
         image.finish()
-    finally:
-        image.close()
     assert (tmp_path / "data.mdb").read_bytes() == data
 
 

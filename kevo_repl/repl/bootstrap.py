@@ -19,12 +19,13 @@ part way, again at the next start before anything opens the store or the WAL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -91,8 +92,7 @@ async def _fetch(
 ) -> tuple[int, History]:
     call = stub.StreamSnapshot(request)
     try:
-        image = ImageFile(image_path)
-        try:
+        with ImageFile(image_path) as image:
             started = time.monotonic()
             seq, history = await _receive(call, image, progress)
             received = time.monotonic()
@@ -104,8 +104,6 @@ async def _fetch(
                 time.monotonic() - received,
                 "" if image.direct else " (written through the page cache: no O_DIRECT here)",
             )
-        finally:
-            image.close()
     except grpc.aio.AioRpcError as err:
         detail = f"{err.code().name}: {err.details()}"
         raise BootstrapError(f"snapshot stream failed: {detail}") from None
@@ -279,16 +277,21 @@ def _first_chunk(message: rpb.SnapshotChunk) -> History:
 def _write_chunk(receiver: SnapshotReceiver, chunk: Chunk, raw: bytes, image: ImageFile) -> None:
     """Check one decoded chunk's running CRC and append its bytes to the image (worker thread)."""
     receiver.take(chunk, raw)
-    try:
+    with _writing(image):
         image.write(raw)
-    except OSError as err:
-        raise BootstrapError(f"{image.path}: cannot write the snapshot: {err.strerror}") from None
 
 
 def _finish(image: ImageFile) -> None:
     """The staged rest of the image written, then the fsync (worker thread)."""
-    try:
+    with _writing(image):
         image.finish()
+
+
+@contextlib.contextmanager
+def _writing(image: ImageFile) -> Iterator[None]:
+    """The file system's OSError as the bootstrap's error, naming the image."""
+    try:
+        yield
     except OSError as err:
         raise BootstrapError(f"{image.path}: cannot write the snapshot: {err.strerror}") from None
 

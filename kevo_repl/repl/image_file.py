@@ -46,15 +46,24 @@ class ImageFile:
             raise
         self._staged = 0  # bytes in the stage, which starts at file offset `_offset`
         self._offset = 0
-        self.size = 0
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def direct(self) -> bool:
         return self._stage is not None
 
+    @property
+    def size(self) -> int:
+        """Bytes appended so far: written, or staged to be."""
+        return self._offset + self._staged
+
     def write(self, data: bytes | memoryview) -> None:
         """Append `data` (OSError from the file system as is)."""
-        self.size += len(data)
         with memoryview(data) as view:
             done = 0
             while done < len(view) and self._stage is not None:
